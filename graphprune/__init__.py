@@ -1,0 +1,30 @@
+"""graphprune: structured-pruning compiler passes over torch.fx and ONNX graphs."""
+from __future__ import annotations
+
+from .cost import Cost, graph_cost
+from .coupling import CouplingAnalysis, PruningGroup, analyse
+from .fx_frontend import CaptureError, trace
+from .graph import Graph, GraphError, Node, Port
+from .passes_base import (
+    BudgetError,
+    Pass,
+    PassManager,
+    PassOptionError,
+    PassResult,
+    PipelineResult,
+    VerificationError,
+    get_pass,
+    parse_pipeline,
+    register_pass,
+    run,
+)
+from .projection import Projection
+from .verify import assert_exact, compare
+
+__all__ = [
+    "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
+    "Pass", "PassManager", "PassOptionError", "PassResult", "PipelineResult", "Port",
+    "Projection", "PruningGroup", "VerificationError", "analyse", "assert_exact", "compare",
+    "get_pass", "graph_cost", "parse_pipeline", "register_pass", "run", "trace",
+]
+__version__ = "0.1.0"

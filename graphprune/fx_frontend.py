@@ -1,0 +1,540 @@
+"""The torch.fx frontend: capture a PyTorch model and expose it as a :class:`Graph`.
+
+Capture is ``torch.fx`` symbolic tracing (of a deep copy, so the caller's model is never
+edited) plus shape propagation on the example inputs, both in eval mode.  Every fx node
+that produces a tensor becomes a view node with a canonical kind; ``getitem`` nodes that
+unpack a tuple (``split``, ``chunk``, attention outputs) are folded into their producer's
+``outputs``; nodes that compute Python values (``x.size(0)``) are not part of the view.
+
+Parameters are addressed by their qualified names (``layer1.0.conv1.weight``), which are
+also the names in the original model, so a projection decided on the graph can be
+applied to the original module for fine-tuning.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+import os
+import tempfile
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .graph import Graph, GraphError, NewNode, Node, ValueInfo
+
+
+class CaptureError(GraphError):
+    """The model could not be traced; the message names the construct and the remedy."""
+
+
+# ------------------------------------------------------------------ op tables
+_ACTIVATION_MODULES: dict[type, tuple[str, bool]] = {
+    # module type -> (function name, f(0) == 0)
+    nn.ReLU: ("relu", True), nn.ReLU6: ("relu6", True), nn.GELU: ("gelu", True),
+    nn.SiLU: ("silu", True), nn.Hardswish: ("hardswish", True), nn.Mish: ("mish", True),
+    nn.Tanh: ("tanh", True), nn.LeakyReLU: ("leaky_relu", True), nn.ELU: ("elu", True),
+    nn.Hardtanh: ("hardtanh", True), nn.SELU: ("selu", True), nn.CELU: ("celu", True),
+    nn.Softsign: ("softsign", True), nn.Tanhshrink: ("tanhshrink", True),
+    nn.Sigmoid: ("sigmoid", False), nn.Hardsigmoid: ("hardsigmoid", False),
+    nn.Softplus: ("softplus", False),
+}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_POOL_MODULES = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
+    nn.MaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_ACTIVATION_FUNCTIONS: dict[Any, tuple[str, bool]] = {
+    F.relu: ("relu", True), torch.relu: ("relu", True), F.relu6: ("relu6", True),
+    F.gelu: ("gelu", True), F.silu: ("silu", True), F.hardswish: ("hardswish", True),
+    F.mish: ("mish", True), torch.tanh: ("tanh", True), F.tanh: ("tanh", True),
+    F.leaky_relu: ("leaky_relu", True), F.elu: ("elu", True), F.hardtanh: ("hardtanh", True),
+    torch.sigmoid: ("sigmoid", False), F.sigmoid: ("sigmoid", False),
+    F.hardsigmoid: ("hardsigmoid", False), F.softplus: ("softplus", False),
+    torch.exp: ("exp", False), F.relu_: ("relu", True),
+}
+_ACTIVATION_METHODS: dict[str, tuple[str, bool]] = {
+    "relu": ("relu", True), "relu_": ("relu", True), "sigmoid": ("sigmoid", False),
+    "tanh": ("tanh", True), "exp": ("exp", False),
+}
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
+_IDENTITY_METHODS = {"contiguous", "clone", "float", "to", "type_as", "detach"}
+_POOL_FUNCTIONS = {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.interpolate, F.upsample,
+}
+_BINARY_FUNCTIONS: dict[Any, str] = {
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.sub: "sub", torch.sub: "sub", operator.isub: "sub",
+    operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", operator.itruediv: "div",
+}
+_BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "mul": "mul", "mul_": "mul", "div": "div"}
+
+
+def _module_path(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def _is_tensor_meta(meta: Any) -> bool:
+    return isinstance(meta, TensorMetadata)
+
+
+class _GraphpruneTracer(fx.Tracer):
+    """A tracer with user-chosen leaf modules (by type or qualified name)."""
+
+    def __init__(self, leaf_modules: Sequence[type | str] = ()) -> None:
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.current_path = ""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        previous = self.current_path
+        self.current_path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.current_path = previous
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> Graph:
+    """Capture ``model`` as a graphprune :class:`Graph` (fx trace + shape propagation).
+
+    The model is deep-copied first, so passes never touch the caller's weights. Tracing
+    and shape propagation run in eval mode. ``leaf_modules`` (types or qualified names)
+    are kept as opaque calls; ``concrete_args`` fixes Python-valued arguments.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = [t.detach() for t in example_inputs]
+    work = copy.deepcopy(model)
+    work.eval()
+    tracer = _GraphpruneTracer(leaf_modules)
+    try:
+        graph = tracer.trace(work, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError...
+        where = tracer.current_path or type(model).__name__
+        module = work.get_submodule(tracer.current_path) if tracer.current_path else work
+        raise CaptureError(
+            f"cannot trace `{where}` ({type(module).__name__}): {exc}. "
+            f"Mark it as a leaf (leaf_modules=[{type(module).__name__}] or ['{where}']) "
+            "or fix its Python-valued arguments with concrete_args."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return Graph(FxFrontend(gm, inputs, original_training=model.training))
+
+
+class FxFrontend:
+    """Reads and edits a ``torch.fx.GraphModule``."""
+
+    name = "fx"
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False) -> None:
+        self.gm = gm
+        self._inputs = inputs
+        self.original_training = original_training
+        self._propagate()
+
+    # --------------------------------------------------------------- analysis
+    def _propagate(self) -> None:
+        self.gm.eval()
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self._inputs):
+            raise CaptureError(
+                f"the traced graph takes {len(placeholders)} inputs "
+                f"({', '.join(p.name for p in placeholders)}) but {len(self._inputs)} example inputs were given"
+            )
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*self._inputs)
+        except Exception as exc:
+            raise CaptureError(f"shape propagation failed: {exc}") from exc
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        return list(self._inputs)
+
+    def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]:
+        values: dict[str, ValueInfo] = {}
+        nodes: list[Node] = []
+        inputs: list[str] = []
+        outputs: list[str] = []
+        fx_nodes = list(self.gm.graph.nodes)
+        for n in fx_nodes:
+            meta = n.meta.get("tensor_meta")
+            if _is_tensor_meta(meta):
+                values[n.name] = ValueInfo(n.name, tuple(int(s) for s in meta.shape), str(meta.dtype))
+        for n in fx_nodes:
+            if n.op == "placeholder":
+                if n.name in values:
+                    inputs.append(n.name)
+                continue
+            if n.op == "output":
+                outputs = [a.name for a in _flatten_nodes(n.args) if a.name in values]
+                continue
+            if n.op == "call_function" and n.target is operator.getitem and _tuple_source(n) is not None:
+                continue  # folded into the producer's outputs
+            view_node = self._classify(n, values)
+            if view_node is not None:
+                nodes.append(view_node)
+        return nodes, values, inputs, outputs
+
+    def _tensor_inputs(self, n: fx.Node, values: dict[str, ValueInfo]) -> list[str]:
+        return [a.name for a in _flatten_nodes((n.args, n.kwargs)) if a.name in values]
+
+    def _outputs(self, n: fx.Node, values: dict[str, ValueInfo]) -> list[str] | None:
+        meta = n.meta.get("tensor_meta")
+        if _is_tensor_meta(meta):
+            return [n.name]
+        if isinstance(meta, (tuple, list)) and meta:
+            outs = [""] * len(meta)
+            extra = False
+            for user in n.users:
+                if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+                    outs[user.args[1]] = user.name
+                else:
+                    extra = True
+            if extra:  # the tuple itself escapes: expose it as an unanalysable value
+                values[n.name] = ValueInfo(n.name, None)
+                outs.append(n.name)
+            return outs
+        return None
+
+    def _classify(self, n: fx.Node, values: dict[str, ValueInfo]) -> Node | None:
+        outs = self._outputs(n, values)
+        if outs is None:
+            return None  # produces no tensor (size queries and the like)
+        ins = self._tensor_inputs(n, values)
+        if n.op == "get_attr":
+            return Node(n.name, "constant", [], outs, {}, {"value": str(n.target)}, str(n.target), "get_attr")
+        if n.op == "call_module":
+            return self._classify_module(n, ins, outs)
+        if n.op == "call_function":
+            return self._classify_function(n, ins, outs)
+        if n.op == "call_method":
+            return self._classify_method(n, ins, outs)
+        return Node(n.name, "unknown", ins, outs, {}, {}, n.name, str(n.target))
+
+    def _classify_module(self, n: fx.Node, ins: list[str], outs: list[str]) -> Node:
+        path = _module_path(n)
+        mod = self.gm.get_submodule(path)
+        params = {k: f"{path}.{k}" for k, v in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)) if v is not None}
+        kind, attrs = _module_kind(mod)
+        return Node(n.name, kind, ins, outs, attrs, params, path, type(mod).__name__)
+
+    def _classify_function(self, n: fx.Node, ins: list[str], outs: list[str]) -> Node:
+        t = n.target
+        label = n.name
+        target = getattr(t, "__name__", str(t))
+        kind, attrs = "unknown", {}
+        if t in _BINARY_FUNCTIONS:
+            kind, attrs = _BINARY_FUNCTIONS[t], _binary_attrs(n)
+        elif t in _ACTIVATION_FUNCTIONS:
+            fn, zero = _ACTIVATION_FUNCTIONS[t]
+            kind, attrs, ins = "act", {"fn": fn, "zero_preserving": zero}, ins[:1]
+        elif t in _IDENTITY_FUNCTIONS:
+            kind, ins = "identity", ins[:1]
+        elif t in _POOL_FUNCTIONS:
+            kind, ins = "pool", ins[:1]
+        elif t in (torch.cat, torch.concat):
+            kind, attrs = "concat", {"axis": _arg(n, 1, "dim", 0)}
+        elif t is torch.flatten:
+            kind, attrs = "flatten", {"start": _arg(n, 1, "start_dim", 0), "end": _arg(n, 2, "end_dim", -1)}
+        elif t in (torch.reshape,):
+            kind, attrs = "reshape", {}
+        elif t in (torch.split, torch.chunk):
+            kind, attrs = "split", {"axis": _arg(n, 2 if t is torch.split else 2, "dim", 0)}
+        elif t is torch.permute:
+            kind, attrs = "permute", {"perm": list(_arg(n, 1, "dims", None))}
+        elif t is torch.transpose:
+            kind, attrs = "transpose", {"axes": (_arg(n, 1, "dim0", 0), _arg(n, 2, "dim1", 1))}
+        elif t is torch.mean or t is torch.sum or t is torch.amax:
+            kind, attrs = "reduce", {"axes": _arg(n, 1, "dim", None), "keepdim": _arg(n, 2, "keepdim", False)}
+        elif t in (torch.softmax, F.softmax, torch.log_softmax, F.log_softmax):
+            kind, attrs, ins = "softmax", {"axis": _arg(n, 1, "dim", -1)}, ins[:1]
+        elif t is F.layer_norm:
+            kind, attrs, ins = "layernorm", {"normalized_ndim": len(_arg(n, 1, "normalized_shape", ()))}, ins[:1]
+        elif t is F.pad:
+            kind, attrs, ins = "pad", {"pads": list(_arg(n, 1, "pad", ()))}, ins[:1]
+        elif t in (torch.matmul, torch.bmm, operator.matmul):
+            kind = "matmul"
+        return Node(n.name, kind, ins, outs, attrs, {}, label, target)
+
+    def _classify_method(self, n: fx.Node, ins: list[str], outs: list[str]) -> Node:
+        m = str(n.target)
+        kind, attrs = "unknown", {}
+        if m in _BINARY_METHODS:
+            kind, attrs = _BINARY_METHODS[m], _binary_attrs(n)
+        elif m in _ACTIVATION_METHODS:
+            fn, zero = _ACTIVATION_METHODS[m]
+            kind, attrs = "act", {"fn": fn, "zero_preserving": zero}
+        elif m in _IDENTITY_METHODS:
+            kind, ins = "identity", ins[:1]
+        elif m in ("view", "reshape"):
+            kind = "reshape"
+        elif m == "flatten":
+            kind, attrs = "flatten", {"start": _arg(n, 1, "start_dim", 0), "end": _arg(n, 2, "end_dim", -1)}
+        elif m in ("split", "chunk"):
+            kind, attrs = "split", {"axis": _arg(n, 2, "dim", 0)}
+        elif m == "permute":
+            dims = n.args[1:] if len(n.args) > 2 or isinstance(n.args[1], int) else n.args[1]
+            kind, attrs = "permute", {"perm": list(dims)}
+        elif m == "transpose":
+            kind, attrs = "transpose", {"axes": (_arg(n, 1, "dim0", 0), _arg(n, 2, "dim1", 1))}
+        elif m in ("mean", "sum", "amax"):
+            kind, attrs = "reduce", {"axes": _arg(n, 1, "dim", None), "keepdim": _arg(n, 2, "keepdim", False)}
+        elif m in ("softmax", "log_softmax"):
+            kind, attrs = "softmax", {"axis": _arg(n, 1, "dim", -1)}
+        return Node(n.name, kind, ins, outs, attrs, {}, n.name, f"Tensor.{m}")
+
+    # ------------------------------------------------------------------ params
+    def _owner(self, key: str) -> tuple[nn.Module, str]:
+        path, _, attr = key.rpartition(".")
+        return (self.gm.get_submodule(path) if path else self.gm), attr
+
+    def get_param(self, key: str) -> torch.Tensor:
+        owner, attr = self._owner(key)
+        value = getattr(owner, attr)
+        if not isinstance(value, torch.Tensor):
+            raise GraphError(f"`{key}` is not a tensor")
+        return value.detach()
+
+    def set_param(self, key: str, value: torch.Tensor) -> None:
+        owner, attr = self._owner(key)
+        old = getattr(owner, attr)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value.detach().clone()
+        else:
+            setattr(owner, attr, value.detach().clone())
+
+    # ------------------------------------------------------------------- attrs
+    def _fx_node(self, node: Node) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == node.name:
+                return n
+        raise GraphError(f"node `{node.name}` is no longer in the graph")
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None:
+        n = self._fx_node(node)
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(str(n.target))
+            if key == "groups":
+                mod.groups = int(value)
+            elif key == "num_groups":
+                mod.num_groups = int(value)
+            elif key in ("stride", "padding", "dilation", "kernel_size"):
+                setattr(mod, key, tuple(value))
+            else:
+                raise GraphError(f"cannot set `{key}` on {node}")
+            return
+        if key == "sizes" and node.kind == "split":
+            x = n.args[0]
+            axis = node.attrs["axis"]
+            with self.gm.graph.inserting_before(n):
+                new = self.gm.graph.call_function(torch.split, (x, [int(v) for v in value]), {"dim": axis})
+            n.replace_all_uses_with(new)
+            new.name  # keep fx's naming
+            self.gm.graph.erase_node(n)
+            return
+        if key == "shape" and node.kind == "reshape":
+            self._set_reshape(n, value)
+            return
+        raise GraphError(f"cannot set `{key}` on {node}")
+
+    def _set_reshape(self, n: fx.Node, updates: dict[int, int]) -> None:
+        """Replace literal sizes of a view/reshape at the axes in ``updates``."""
+        is_method = n.op == "call_method"
+        raw = list(n.args[1:]) if is_method else [n.args[1]]
+        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+            shape, packed = list(raw[0]), True
+        else:
+            shape, packed = raw, False
+        for axis, size in updates.items():
+            entry = shape[axis]
+            if isinstance(entry, int) and entry != -1:
+                shape[axis] = int(size)
+            elif isinstance(entry, int) and entry == -1:
+                continue  # inferred: follows the new input size
+            else:
+                raise GraphError(
+                    f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
+                )
+        new_shape = [tuple(shape)] if packed else shape
+        n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
+
+    def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
+        from .fx_build import replace_with_new_nodes
+
+        replace_with_new_nodes(self, node, new)
+
+    def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
+        src = next(n for n in self.gm.graph.nodes if n.name == value)
+        holder = _GatherIndex(index)
+        name = f"gp_gather_{len([m for m in self.gm.modules() if isinstance(m, _GatherIndex)])}"
+        self.gm.add_submodule(name, holder)
+        targets = {c.name for c in consumers}
+        with self.gm.graph.inserting_after(src):
+            idx = self.gm.graph.get_attr(f"{name}.index")
+            with self.gm.graph.inserting_after(idx):
+                g = self.gm.graph.call_function(torch.index_select, (src, axis, idx))
+        for user in list(src.users):
+            if user.name in targets:
+                user.replace_input_with(src, g)
+
+    def commit(self) -> None:
+        for mod in self.gm.modules():
+            _sync_module_metadata(mod)
+        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.lint()
+        self.gm.recompile()
+        self._propagate()
+
+    # --------------------------------------------------------------- running
+    def copy(self) -> "FxFrontend":
+        gm = copy.deepcopy(self.gm)
+        return FxFrontend(gm, self._inputs, self.original_training)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.gm.eval()
+        with torch.no_grad():
+            out = self.gm(*inputs)
+        return [t for t in _flatten_tensors(out)]
+
+    def to_module(self) -> nn.Module:
+        gm = copy.deepcopy(self.gm)
+        gm.train(self.original_training)
+        return gm
+
+    def to_onnx(self, path: str, opset: int = 17, **_: Any) -> None:
+        from .emit import export_module_onnx
+
+        export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
+
+
+class _GatherIndex(nn.Module):
+    """Holds the index buffer of an inserted channel gather."""
+
+    def __init__(self, index: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long))
+
+
+# ------------------------------------------------------------------- helpers
+def _module_kind(mod: nn.Module) -> tuple[str, dict[str, Any]]:
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        attrs = {
+            "groups": mod.groups, "stride": tuple(mod.stride), "padding": mod.padding,
+            "dilation": tuple(mod.dilation), "kernel": tuple(mod.kernel_size),
+        }
+        return ("conv_transpose" if mod.transposed else "conv"), attrs
+    if isinstance(mod, nn.Linear):
+        return "linear", {}
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm", {"eps": mod.eps}
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        return "batchnorm", {"eps": mod.eps, "instance": True}
+    if isinstance(mod, nn.LayerNorm):
+        return "layernorm", {"normalized_ndim": len(mod.normalized_shape)}
+    if isinstance(mod, nn.GroupNorm):
+        return "groupnorm", {"num_groups": mod.num_groups}
+    if type(mod) in _ACTIVATION_MODULES:
+        fn, zero = _ACTIVATION_MODULES[type(mod)]
+        return "act", {"fn": fn, "zero_preserving": zero}
+    if isinstance(mod, nn.PReLU):
+        return "act", {"fn": "prelu", "zero_preserving": True}
+    if isinstance(mod, _IDENTITY_MODULES):
+        return "identity", {}
+    if isinstance(mod, _POOL_MODULES):
+        return "pool", {}
+    if isinstance(mod, nn.Flatten):
+        return "flatten", {"start": mod.start_dim, "end": mod.end_dim}
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+        return "softmax", {"axis": mod.dim if mod.dim is not None else -1}
+    if isinstance(mod, nn.MultiheadAttention):
+        return "mha", {"num_heads": mod.num_heads}
+    return "unknown", {}
+
+
+def _binary_attrs(n: fx.Node) -> dict[str, Any]:
+    """Which operand positions are tensors, and the value of a scalar operand if any."""
+    operands = list(n.args[:2])
+    positions = [i for i, a in enumerate(operands) if isinstance(a, fx.Node) and _is_tensor_meta(a.meta.get("tensor_meta"))]
+    scalars = [a for i, a in enumerate(operands) if i not in positions]
+    scalar: Any = None
+    if scalars:
+        s = scalars[0]
+        scalar = float(s) if isinstance(s, (int, float, bool)) else "dynamic"
+    alpha = n.kwargs.get("alpha")
+    return {"tensor_positions": positions, "scalar": scalar, "alpha": alpha}
+
+
+def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
+    if len(n.args) > pos:
+        return n.args[pos]
+    return n.kwargs.get(name, default)
+
+
+def _flatten_nodes(obj: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(obj, lambda a: out.append(a) or a)
+    return out
+
+
+def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _flatten_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flatten_tensors(v)]
+    return []
+
+
+def _tuple_source(n: fx.Node) -> fx.Node | None:
+    src = n.args[0]
+    if isinstance(src, fx.Node) and isinstance(src.meta.get("tensor_meta"), (tuple, list)) and isinstance(n.args[1], int):
+        return src
+    return None
+
+
+def _sync_module_metadata(mod: nn.Module) -> None:
+    """Re-derive size attributes (in_channels, num_features...) from edited weights."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        w = mod.weight
+        if mod.transposed:
+            mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+        else:
+            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
+        mod.kernel_size = tuple(w.shape[2:])
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        ref = mod.running_mean if mod.running_mean is not None else mod.weight
+        if ref is not None:
+            mod.num_features = ref.shape[0]
+    elif isinstance(mod, nn.GroupNorm) and mod.weight is not None:
+        mod.num_channels = mod.weight.shape[0]
+    elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+        mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.PReLU):
+        mod.num_parameters = mod.weight.numel()

@@ -1,0 +1,243 @@
+"""The frontend-neutral graph view that every analysis and pass talks to.
+
+A :class:`Graph` is a list of :class:`Node` records in topological order over named
+tensor values.  Each node has a canonical op ``kind`` (``conv``, ``linear``,
+``batchnorm``, ``add``, ``concat``, ...), canonical ``attrs`` and named parameter
+``params`` (role -> parameter key).  The view is rebuilt from its frontend after every
+edit, so a pass reads a consistent snapshot, edits through the ``Graph`` methods, and
+calls :meth:`Graph.commit` once it is done.
+
+Frontends (``graphprune.fx_frontend``, ``graphprune.onnx_frontend``) implement
+:class:`Frontend`; nothing above this module knows which one it is talking to.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import torch
+
+
+class GraphError(Exception):
+    """A graph that graphprune cannot read, edit or verify; the message names the node."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """One axis of one tensor value: the unit that channel rules connect."""
+
+    value: str
+    axis: int
+
+
+@dataclass
+class ValueInfo:
+    """Static facts about a tensor value, from shape propagation."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: str | None = None
+
+
+@dataclass
+class Node:
+    """One op of the view.
+
+    ``inputs``/``outputs`` name tensor values (``""`` for an absent optional input);
+    ``params`` maps a role (``weight``, ``bias``, ``running_mean``, ``value``, ...) to a
+    parameter key of the frontend; ``label`` is what error messages show (module path
+    for fx, node name for ONNX); ``target`` is the frontend's own op name.
+    """
+
+    name: str
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    label: str = ""
+    target: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} `{self.label or self.name}`"
+
+
+@dataclass
+class NewNode:
+    """A node to create in :meth:`Graph.replace_node`: canonical kind, attrs and weights.
+
+    ``inputs`` name existing values or outputs of earlier new nodes, by the index string
+    ``"%0"``, ``"%1"``...; the last new node's output replaces the old node's output.
+    """
+
+    kind: str
+    inputs: list[str]
+    attrs: dict[str, Any]
+    params: dict[str, torch.Tensor]
+
+
+class Frontend(Protocol):
+    """What a frontend provides: read the view, read and edit weights and attrs, run."""
+
+    def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]: ...
+
+    def get_param(self, key: str) -> torch.Tensor: ...
+
+    def set_param(self, key: str, value: torch.Tensor) -> None: ...
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None: ...
+
+    def replace_node(self, node: Node, new: Sequence[NewNode]) -> None: ...
+
+    def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def copy(self) -> "Frontend": ...
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def example_inputs(self) -> list[torch.Tensor]: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class Graph:
+    """A frontend-neutral, topologically ordered view with edit operations."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self._rebuild()
+
+    # ----------------------------------------------------------------- reading
+    def _rebuild(self) -> None:
+        nodes, values, inputs, outputs = self.frontend.view()
+        self.nodes: list[Node] = nodes
+        self.values: dict[str, ValueInfo] = values
+        self.inputs: list[str] = inputs
+        self.outputs: list[str] = outputs
+        self._by_name = {n.name: n for n in nodes}
+        self._producer: dict[str, Node] = {}
+        self._consumers: dict[str, list[Node]] = {}
+        for node in nodes:
+            for out in node.outputs:
+                self._producer[out] = node
+            for inp in node.inputs:
+                if inp:
+                    self._consumers.setdefault(inp, []).append(node)
+
+    @property
+    def frontend_name(self) -> str:
+        return self.frontend.name
+
+    def node(self, name: str) -> Node:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GraphError(f"no node named `{name}`") from None
+
+    def find(self, label: str) -> Node:
+        """The node whose label (module path / ONNX node name) or name is ``label``."""
+        for node in self.nodes:
+            if label in (node.label, node.name):
+                return node
+        raise GraphError(f"no node labelled `{label}`")
+
+    def producer(self, value: str) -> Node | None:
+        return self._producer.get(value)
+
+    def consumers(self, value: str) -> list[Node]:
+        return self._consumers.get(value, [])
+
+    def shape(self, value: str) -> tuple[int, ...] | None:
+        info = self.values.get(value)
+        return info.shape if info else None
+
+    def param(self, key: str) -> torch.Tensor:
+        return self.frontend.get_param(key)
+
+    def node_param(self, node: Node, role: str) -> torch.Tensor | None:
+        key = node.params.get(role)
+        return None if key is None else self.frontend.get_param(key)
+
+    def param_keys(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for node in self.nodes:
+            for key in node.params.values():
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    # ----------------------------------------------------------------- editing
+    def set_param(self, key: str, value: torch.Tensor) -> None:
+        self.frontend.set_param(key, value)
+
+    def slice_param(self, key: str, axis: int, keep: Sequence[int]) -> None:
+        """Keep only indices ``keep`` (sorted) of parameter ``key`` along ``axis``."""
+        tensor = self.frontend.get_param(key)
+        index = torch.as_tensor(list(keep), dtype=torch.long)
+        self.frontend.set_param(key, tensor.index_select(axis, index).clone())
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None:
+        self.frontend.set_attr(node, key, value)
+
+    def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
+        self.frontend.replace_node(node, new)
+
+    def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Iterable[Node]) -> None:
+        """Feed ``consumers`` with ``value`` reindexed along ``axis`` (``out[i] = in[index[i]]``)."""
+        self.frontend.insert_gather(value, axis, list(index), list(consumers))
+
+    def commit(self) -> None:
+        """Finish a batch of edits: the frontend re-derives metadata and shapes, the view is rebuilt."""
+        self.frontend.commit()
+        self._rebuild()
+
+    def copy(self) -> "Graph":
+        return Graph(self.frontend.copy())
+
+    # --------------------------------------------------------------- executing
+    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Run the graph on ``inputs`` (eval mode, no grad) and return its tensor outputs."""
+        return self.frontend.run(list(inputs))
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        return self.frontend.example_inputs()
+
+    def random_inputs(self, seed: int = 0) -> list[torch.Tensor]:
+        """Random inputs shaped and typed like the example inputs (normal for floats)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for ex in self.example_inputs():
+            if ex.is_floating_point():
+                out.append(torch.randn(ex.shape, generator=gen, dtype=ex.dtype))
+            else:
+                out.append(ex.clone())
+        return out
+
+    # ------------------------------------------------------------------- emit
+    def to_module(self) -> torch.nn.Module:
+        to_module = getattr(self.frontend, "to_module", None)
+        if to_module is None:
+            raise GraphError(f"the {self.frontend.name} frontend cannot emit an nn.Module")
+        return to_module()
+
+    def to_onnx(self, path: str, **options: Any) -> None:
+        """Write the graph as an ONNX file (atomically)."""
+        self.frontend.to_onnx(path, **options)
+
+    save_onnx = to_onnx
+
+    def __deepcopy__(self, memo: dict) -> "Graph":
+        return Graph(copy.deepcopy(self.frontend, memo))
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.frontend.name}: {len(self.nodes)} nodes>"

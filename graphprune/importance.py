@@ -1,0 +1,82 @@
+"""Channel importance criteria.
+
+An :class:`Importance` scores every channel class of a pruning group; higher means more
+important.  A class's score sums over every member of its group that owns parameters
+on it, so a residual stream's channel is scored by all the filters that write it.
+
+* ``l1`` / ``l2``: the L1 / L2 norm of each produced filter (weight slices of
+  producers: a conv's output filter, a linear's row).
+* ``bn_scale``: ``|gamma|`` of every batch/group norm on the class (network slimming);
+  falls back to ``l1`` for classes with no normalisation.
+
+Later criteria (Taylor, KL divergence) implement the same interface and register in
+``CRITERIA``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from .coupling import PruningGroup
+from .graph import Graph
+
+
+class Importance(Protocol):
+    def __call__(self, graph: Graph, group: PruningGroup) -> np.ndarray: ...
+
+
+def _slice_norms(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
+    moved = t.detach().double().movedim(axis, 0).reshape(t.shape[axis], -1)
+    return moved.abs().sum(1).numpy() if p == 1 else moved.pow(2).sum(1).sqrt().numpy()
+
+
+def _accumulate(graph: Graph, group: PruningGroup, roles: set[str], param_roles: set[str], p: int) -> np.ndarray:
+    scores = np.zeros(group.n_classes)
+    for port, members in group.members.items():
+        cls = group.class_of[port]
+        for m in members:
+            if m.coupling.role not in roles:
+                continue
+            for role, axis in m.coupling.slices:
+                if role not in param_roles:
+                    continue
+                norms = _slice_norms(graph.node_param(m.node, role), axis, p)  # type: ignore[arg-type]
+                np.add.at(scores, cls, norms)
+    return scores
+
+
+def magnitude(p: int) -> Importance:
+    def score(graph: Graph, group: PruningGroup) -> np.ndarray:
+        return _accumulate(graph, group, {"produce"}, {"weight", "value"}, p)
+
+    score.__name__ = f"l{p}"
+    return score
+
+
+def bn_scale(graph: Graph, group: PruningGroup) -> np.ndarray:
+    """|gamma| summed over the normalisations of each class; l1 where there are none."""
+    scores = _accumulate(graph, group, {"norm"}, {"weight"}, 1)
+    has_norm = np.zeros(group.n_classes, bool)
+    for port, members in group.members.items():
+        if any(m.coupling.role == "norm" and "weight" in m.node.params for m in members):
+            has_norm[group.class_of[port]] = True
+    if not has_norm.all():
+        fallback = magnitude(1)(graph, group)
+        scores = np.where(has_norm, scores, fallback)
+    return scores
+
+
+CRITERIA: dict[str, Callable[[], Importance]] = {
+    "l1": lambda: magnitude(1),
+    "l2": lambda: magnitude(2),
+    "bn_scale": lambda: bn_scale,
+}
+
+
+def get_importance(name: str) -> Importance:
+    try:
+        return CRITERIA[name]()
+    except KeyError:
+        raise ValueError(f"unknown criterion `{name}` (known: {', '.join(sorted(CRITERIA))})") from None

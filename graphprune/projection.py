@@ -1,0 +1,102 @@
+"""Projections: what a pass decided, as a change of weights.
+
+A pass's decision is a projection ``P`` of some parameters (zero a channel, a block mask,
+a truncated SVD).  The *projected reference* is the input graph with ``P`` applied to
+its weights; the rewritten graph must compute the same function.  The same projection,
+registered as a ``torch.nn.utils.parametrize`` parametrization on the original model,
+keeps it applied while the model fine-tunes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .graph import Graph
+
+
+class _Masked(nn.Module):
+    """Parametrization ``W -> W * mask`` (mask kept as a buffer, not trained)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+class _Mapped(nn.Module):
+    """Parametrization by an arbitrary projection function (e.g. a truncated SVD)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fn(w)
+
+
+@dataclass
+class Projection:
+    """Per-parameter projections: multiplicative masks and/or functions."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+    def zero(self, key: str, shape: tuple[int, ...], axis: int, index: list[int] | torch.Tensor) -> None:
+        """Zero ``index`` along ``axis`` of parameter ``key`` (shape ``shape``)."""
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = torch.ones(shape)
+            self.masks[key] = mask
+        idx = torch.as_tensor(index, dtype=torch.long)
+        mask.index_fill_(axis, idx, 0.0)
+
+    def mask(self, key: str, mask: torch.Tensor) -> None:
+        old = self.masks.get(key)
+        self.masks[key] = mask.clone() if old is None else old * mask
+
+    def project(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        out = value
+        if key in self.functions:
+            out = self.functions[key](out)
+        if key in self.masks:
+            out = out * self.masks[key].to(out.dtype)
+        return out
+
+    def keys(self) -> set[str]:
+        return set(self.masks) | set(self.functions)
+
+    def __bool__(self) -> bool:
+        return bool(self.masks or self.functions)
+
+    def apply(self, graph: Graph) -> Graph:
+        """The projected reference: a copy of ``graph`` with projected weights."""
+        ref = graph.copy()
+        for key in self.keys():
+            ref.set_param(key, self.project(key, ref.param(key)))
+        return ref
+
+    def projected_model(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` whose parameters stay projected while it trains.
+
+        Parameter keys are qualified names (the fx frontend's keys), so this applies to the
+        model the graph was traced from.
+        """
+        out = copy.deepcopy(model)
+        for key in sorted(self.keys()):
+            path, _, attr = key.rpartition(".")
+            owner = out.get_submodule(path) if path else out
+            if attr in owner._parameters and owner._parameters[attr] is not None:
+                if key in self.functions:
+                    parametrize.register_parametrization(owner, attr, _Mapped(self.functions[key]))
+                if key in self.masks:
+                    parametrize.register_parametrization(owner, attr, _Masked(self.masks[key].clone()))
+            elif attr in owner._buffers and owner._buffers[attr] is not None:
+                owner._buffers[attr] = self.project(key, owner._buffers[attr])
+        return out

@@ -1,0 +1,6 @@
+"""Built-in passes, installed as ``graphprune.passes``; importing registers them."""
+from __future__ import annotations
+
+from .prune_channels import PruneChannels
+
+__all__ = ["PruneChannels"]

@@ -1,0 +1,212 @@
+"""`prune-channels`: remove channels exactly, inside and outside residual connections.
+
+Decide: the coupling analysis (:mod:`graphprune.coupling`) splits the graph's channels
+into pruning groups and channel classes; residual adds tie every tensor they join into
+one group, so a residual stream loses the same channels in every block.  Each class is
+scored by a criterion (``l1``, ``l2``, ``bn_scale``) summed over its members, and the
+lowest-scoring classes are removed to meet the target:
+
+* ``ratio=r``  — remove ``floor(r * n)`` of the ``n`` prunable classes of each group
+  (``scope=global``: rank all groups' classes together, scores normalised by each
+  group's mean, and remove ``r`` of all prunable classes);
+* ``macs=m``   — keep at most ``m`` of the model's MACs, removing classes in global
+  score order;
+* ``lossless=true`` — remove only classes that are provably zero in the input model.
+
+``round_to`` keeps each group's kept class count a multiple of N, ``min_keep`` keeps at
+least that many classes per group, ``ignore`` names layers whose channels stay.
+
+Rewrite: the projection zeroes every parameter slice of the removed classes (filters,
+biases, norm scales, shifts and statistics, consumer columns, per-channel constants);
+the rewrite deletes those slices and resizes the ops on the way, and equals the
+projection exactly.
+
+Refused: options out of range, and budgets that the prunable channels cannot meet.
+Frozen (never pruned): model inputs and outputs, channels that reach an op without a
+channel rule, normalisations across the channel axis (layer norm), attention
+embeddings, parameters shared by several ops.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels
+from graphprune.cost import graph_cost
+from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
+from graphprune.graph import Graph, Port
+from graphprune.importance import CRITERIA, get_importance
+from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
+
+__all__ = ["PruneChannels"]
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove the least important channel classes of every pruning group."""
+
+    name = "prune-channels"
+    ratio: float | None = None
+    macs: float | None = None
+    scope: str = "group"
+    criterion: str = "l1"
+    round_to: int = 1
+    min_keep: int = 1
+    ignore: tuple[str, ...] = ()
+    lossless: bool = False
+
+    def validate(self) -> None:
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise PassOptionError(f"{self.name}: ratio must be in [0, 1), got {self.ratio}")
+        if self.macs is not None and not 0.0 < self.macs <= 1.0:
+            raise PassOptionError(f"{self.name}: macs must be in (0, 1], got {self.macs}")
+        if self.ratio is not None and self.macs is not None:
+            raise PassOptionError(f"{self.name}: give ratio or macs, not both")
+        if self.ratio is None and self.macs is None and not self.lossless:
+            raise PassOptionError(f"{self.name}: needs ratio=, macs= or lossless=true")
+        if self.scope not in ("group", "global"):
+            raise PassOptionError(f"{self.name}: scope must be `group` or `global`, got `{self.scope}`")
+        if self.criterion not in CRITERIA:
+            raise PassOptionError(f"{self.name}: unknown criterion `{self.criterion}` (known: {', '.join(sorted(CRITERIA))})")
+        if self.round_to < 1 or self.min_keep < 1:
+            raise PassOptionError(f"{self.name}: round_to and min_keep must be at least 1")
+
+    # ------------------------------------------------------------------ call
+    def call(self, graph: Graph) -> PassResult:
+        analysis = analyse(graph, ignore=self.ignore)
+        keep = self.decide(graph, analysis)
+        keep = {gid: k for gid, k in keep.items() if not k.all()}
+        projection = channel_projection(graph, analysis, keep)
+        work = graph.copy()
+        removed = remove_channels(work, analysis, keep) if keep else 0
+        records = self._records(analysis, keep)
+        logger.info("prune-channels: removed %d channels in %d groups", removed, len(keep))
+        return PassResult(work, bool(removed), graph, projection, records)
+
+    def _records(self, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> list[dict]:
+        out = []
+        for g in analysis.groups:
+            if g.id not in keep:
+                continue
+            kept = kept_indices(g, keep[g.id])
+            out.append({
+                "group": g.id,
+                "classes": g.n_classes,
+                "kept_classes": int(keep[g.id].sum()),
+                "kept": {f"{p.value}:{p.axis}": idx.tolist() for p, idx in kept.items()},
+            })
+        return out
+
+    # ---------------------------------------------------------------- decide
+    def decide(self, graph: Graph, analysis: CouplingAnalysis) -> dict[int, np.ndarray]:
+        """Per group, a keep mask over its channel classes; every port keeps a channel."""
+        groups = {g.id: g for g in analysis.groups}
+        keep = self._decide(graph, analysis)
+        return {gid: _keep_every_port(groups[gid], k) for gid, k in keep.items()}
+
+    def _decide(self, graph: Graph, analysis: CouplingAnalysis) -> dict[int, np.ndarray]:
+        if self.lossless:
+            return {g.id: ~provably_zero_classes(graph, g) for g in analysis.groups if g.prunable.any()}
+        score_fn = get_importance(self.criterion)
+        scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
+        groups = {g.id: g for g in analysis.groups}
+        if self.macs is not None:
+            return self._decide_macs(graph, analysis, scores)
+        if self.scope == "global":
+            order = self._global_order(groups, scores)
+            total = sum(int(groups[gid].prunable.sum()) for gid in scores)
+            return self._cut(groups, order, math.floor(self.ratio * total))  # type: ignore[operator]
+        keep = {}
+        for gid, s in scores.items():
+            g = groups[gid]
+            n_remove = self._allowed(g, math.floor(self.ratio * int(g.prunable.sum())))  # type: ignore[operator]
+            k = np.ones(g.n_classes, bool)
+            cand = np.nonzero(g.prunable)[0]
+            k[cand[np.argsort(s[cand], kind="stable")[:n_remove]]] = False
+            keep[gid] = k
+        return keep
+
+    def _allowed(self, g: PruningGroup, n_remove: int) -> int:
+        """Clamp a removal count by min_keep and round the kept count to round_to."""
+        n_remove = min(n_remove, int(g.prunable.sum()), g.n_classes - self.min_keep)
+        kept = g.n_classes - max(n_remove, 0)
+        if self.round_to > 1:
+            kept = min(g.n_classes, int(math.ceil(kept / self.round_to) * self.round_to))
+        return max(g.n_classes - kept, 0)
+
+    def _global_order(self, groups: dict[int, PruningGroup], scores: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+        """All prunable (group, class) pairs, least important first (group-mean normalised)."""
+        items = []
+        for gid, s in scores.items():
+            g = groups[gid]
+            cand = np.nonzero(g.prunable)[0]
+            mean = float(s[cand].mean()) if len(cand) else 1.0
+            norm = s / (mean if mean > 0 else 1.0)
+            items.extend((float(norm[c]), gid, int(c)) for c in cand)
+        items.sort()
+        return [(gid, c) for _, gid, c in items]
+
+    def _cut(self, groups: dict[int, PruningGroup], order: list[tuple[int, int]], n: int) -> dict[int, np.ndarray]:
+        """Remove the first ``n`` of ``order``, respecting min_keep and round_to per group."""
+        wanted: dict[int, list[int]] = {}
+        for gid, c in order[:n]:
+            wanted.setdefault(gid, []).append(c)
+        keep = {}
+        for gid, cls in wanted.items():
+            g = groups[gid]
+            allowed = self._allowed(g, len(cls))
+            k = np.ones(g.n_classes, bool)
+            k[cls[:allowed]] = False
+            keep[gid] = _keep_every_port(g, k)
+        return keep
+
+    def _decide_macs(self, graph: Graph, analysis: CouplingAnalysis, scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        groups = {g.id: g for g in analysis.groups}
+        base = graph_cost(graph, with_params=False).macs
+        target = self.macs * base  # type: ignore[operator]
+        order = self._global_order(groups, scores)
+
+        def macs_after(n: int) -> int:
+            keep = self._cut(groups, order, n)
+            return graph_cost(graph, _sizes(groups, keep), with_params=False).macs
+
+        floor_macs = macs_after(len(order))
+        if floor_macs > target:
+            raise BudgetError(
+                f"{self.name}: cannot reach macs={self.macs}: removing every prunable channel leaves "
+                f"{floor_macs / base:.3f} of the MACs ({floor_macs:,} of {base:,}); the rest is frozen "
+                "or kept by min_keep (see `graphprune inspect`)"
+            )
+        lo, hi = 0, len(order)  # smallest n with macs_after(n) <= target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if macs_after(mid) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return self._cut(groups, order, lo)
+
+
+def _keep_every_port(group: PruningGroup, keep: np.ndarray) -> np.ndarray:
+    """Restore one class in any port that would lose all its channels (a concat input, a
+    branch): an empty tensor is not a pruned layer but a deleted one."""
+    keep = keep.copy()
+    for port in group.ports:
+        cls = group.class_of[port]
+        if not keep[cls].any():
+            keep[cls[0]] = True
+    return keep
+
+
+def _sizes(groups: dict[int, PruningGroup], keep: dict[int, np.ndarray]) -> dict[Port, int]:
+    sizes = {}
+    for gid, k in keep.items():
+        for port, idx in kept_indices(groups[gid], k).items():
+            sizes[port] = len(idx)
+    return sizes
