@@ -2,7 +2,9 @@
 
 An :class:`Importance` scores every channel class of a pruning group; higher means more
 important.  A class's score sums over every member of its group that owns parameters
-on it, so a residual stream's channel is scored by all the filters that write it.
+on it, so a residual stream's channel is scored by all the filters that write it.  Each
+member's norms are divided by their mean first (``s_c = sum_m n_mc / mean_c' n_mc'``), so a
+1x1 conv and a 3x3 conv feeding one concat are compared by relative, not absolute, size.
 
 * ``l1`` / ``l2``: the L1 / L2 norm of each produced filter (weight slices of
   producers: a conv's output filter, a linear's row).
@@ -43,7 +45,8 @@ def _accumulate(graph: Graph, group: PruningGroup, roles: set[str], param_roles:
                 if role not in param_roles:
                     continue
                 norms = _slice_norms(graph.node_param(m.node, role), axis, p)  # type: ignore[arg-type]
-                np.add.at(scores, cls, norms)
+                mean = norms.mean()
+                np.add.at(scores, cls, norms / mean if mean > 0 else norms)
     return scores
 
 

@@ -1,0 +1,47 @@
+"""Emitters: write ONNX files atomically.
+
+Files are written to a temporary file in the destination folder and renamed into place,
+so a failed export never leaves a truncated file, and an input file is never the output.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+
+from .graph import GraphError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".graphprune-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def export_module_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: str, opset: int = 17) -> None:
+    """Export ``module`` with the TorchScript exporter (no external data), atomically."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, tuple(inputs), tmp, opset_version=opset, dynamo=False,
+                input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
+                do_constant_folding=True,
+            )
+        except Exception as exc:
+            raise GraphError(f"ONNX export failed: {exc}") from exc
