@@ -342,8 +342,16 @@ class FxFrontend:
                 mod.groups = int(value)
             elif key == "num_groups":
                 mod.num_groups = int(value)
-            elif key in ("stride", "padding", "dilation", "kernel_size"):
-                setattr(mod, key, tuple(value))
+            elif key in ("stride", "dilation"):
+                setattr(mod, key, tuple(int(v) for v in value))
+            elif key == "pads":
+                nd = len(value) // 2
+                begin, end = tuple(value[:nd]), tuple(value[nd:])
+                if begin != end:
+                    raise GraphError(f"{node}: asymmetric pads {tuple(value)} need an explicit pad op")
+                mod.padding = tuple(int(v) for v in begin)
+                mod.padding_mode = mod.padding_mode
+                mod._reversed_padding_repeated_twice = [int(p) for p in reversed(begin) for _ in range(2)]
             else:
                 raise GraphError(f"cannot set `{key}` on {node}")
             return
@@ -443,8 +451,8 @@ class _GatherIndex(nn.Module):
 def _module_kind(mod: nn.Module) -> tuple[str, dict[str, Any]]:
     if isinstance(mod, nn.modules.conv._ConvNd):
         attrs = {
-            "groups": mod.groups, "stride": tuple(mod.stride), "padding": mod.padding,
-            "dilation": tuple(mod.dilation), "kernel": tuple(mod.kernel_size),
+            "groups": mod.groups, "stride": tuple(mod.stride), "dilation": tuple(mod.dilation),
+            "kernel": tuple(mod.kernel_size), "pads": _conv_pads(mod),
         }
         return ("conv_transpose" if mod.transposed else "conv"), attrs
     if isinstance(mod, nn.Linear):
@@ -473,6 +481,17 @@ def _module_kind(mod: nn.Module) -> tuple[str, dict[str, Any]]:
     if isinstance(mod, nn.MultiheadAttention):
         return "mha", {"num_heads": mod.num_heads}
     return "unknown", {}
+
+
+def _conv_pads(mod: nn.modules.conv._ConvNd) -> tuple[int, ...]:
+    """ONNX-style pads (begin_1..begin_n, end_1..end_n) of a conv module."""
+    nd = len(mod.kernel_size)
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            return (0,) * (2 * nd)
+        total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]  # "same", stride 1
+        return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+    return tuple(mod.padding) * 2
 
 
 def _binary_attrs(n: fx.Node) -> dict[str, Any]:

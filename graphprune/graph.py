@@ -9,6 +9,37 @@ calls :meth:`Graph.commit` once it is done.
 
 Frontends (``graphprune.fx_frontend``, ``graphprune.onnx_frontend``) implement
 :class:`Frontend`; nothing above this module knows which one it is talking to.
+
+Canonical kinds, their inputs, attrs and param roles (both frontends produce these):
+
+=================  ==========================================================================
+kind               contract
+=================  ==========================================================================
+conv               inputs [x]; attrs groups, stride, dilation, kernel (tuple), pads (ONNX
+                   order: begin_1..begin_n, end_1..end_n); params weight (F, C/g, k...), bias
+conv_transpose     as conv; weight (C, F/g, k...)
+linear             inputs [x]; params weight, bias; attrs weight_axes=(out_axis, in_axis),
+                   default (0, 1) i.e. weight (out, in)
+batchnorm          params weight, bias, running_mean, running_var (instance norm: same kind)
+layernorm          attrs normalized_ndim (trailing axes normalised)
+groupnorm          attrs num_groups; params weight, bias
+act                attrs fn, zero_preserving (f(0) == 0); PReLU: params weight
+identity           dropout, identity, casts, contiguous
+pool, pad          spatial ops (pooling, resize, spatial padding); pad: attrs pads
+add sub mul div    elementwise with broadcasting; attrs tensor_positions, scalar
+concat, split      attrs axis; split: attrs sizes via ``set_attr(node, "sizes", [...])``
+flatten            attrs start, end
+reshape            output shape from shape propagation; ``set_attr(node, "shape", {axis: n})``
+permute/transpose  attrs perm / axes
+reduce             attrs axes, keepdim
+softmax            attrs axis
+constant           params value (a weight used as a tensor: layer scale, offsets)
+mha, matmul        attention and matrix products (no channel rule: frozen)
+unknown            anything else (frozen)
+=================  ==========================================================================
+
+Edit attributes understood by ``set_attr``: ``groups`` (conv), ``num_groups`` (groupnorm),
+``pads``, ``stride``, ``dilation`` (conv), ``sizes`` (split), ``shape`` (reshape).
 """
 from __future__ import annotations
 

@@ -141,16 +141,19 @@ def conv_transpose_rule(graph: Graph, node: Node, port: Port) -> Coupling:
 
 @rule("linear")
 def linear_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Linear on (..., D): the last input axis indexes weight axis 1, the last output
-    axis indexes weight axis 0 and the bias; leading axes pass through unchanged."""
+    """Linear on (..., D): the last output axis indexes the weight's output axis and the
+    bias, the last input axis its input axis; leading axes pass through unchanged.  The
+    weight is (out, in) unless ``attrs["weight_axes"]`` says otherwise (an ONNX MatMul's
+    constant operand is (in, out): ``weight_axes=(1, 0)``)."""
     x, y = node.inputs[0], node.outputs[0]
     rank = _rank(graph, port.value)
     if port.axis != rank - 1:
         other = y if port.value == x else x
         return Coupling(links=_same_axis(graph, node, port, [other]))
+    out_axis, in_axis = node.attrs.get("weight_axes", (0, 1))
     if port.value == y:
-        return Coupling(slices=[("weight", 0)] + [(r, 0) for r in _present(node, "bias")], role="produce")
-    return Coupling(slices=[("weight", 1)], role="consume")
+        return Coupling(slices=[("weight", out_axis)] + [(r, 0) for r in _present(node, "bias")], role="produce")
+    return Coupling(slices=[("weight", in_axis)], role="consume")
 
 
 @rule("batchnorm")
