@@ -18,13 +18,13 @@ from .passes_base import (
     register_pass,
     run,
 )
-from .projection import Projection
+from .projection import Projection, bake
 from .verify import assert_exact, compare
 
 __all__ = [
     "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
     "Pass", "PassManager", "PassOptionError", "PassResult", "PipelineResult", "Port",
-    "Projection", "PruningGroup", "VerificationError", "analyse", "assert_exact", "compare",
+    "Projection", "PruningGroup", "VerificationError", "analyse", "assert_exact", "bake", "compare",
     "get_pass", "graph_cost", "parse_pipeline", "register_pass", "run", "trace",
 ]
 __version__ = "0.1.0"

@@ -134,7 +134,8 @@ def _port_zero(graph: Graph, group: PruningGroup, port: Port, zero: dict[Port, n
             return none
         for role, axis in coupling.slices:
             if role in ("weight", "bias", "value"):
-                z &= _slice_zero(graph, node, role, axis)  # type: ignore[arg-type]
+                sz = _slice_zero(graph, node, role, axis)
+                z &= sz if sz is not None else False
         return z
     inputs = _linked_inputs(group, node, port, zero)
     kind = node.kind

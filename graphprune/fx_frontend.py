@@ -95,6 +95,7 @@ class _GraphpruneTracer(fx.Tracer):
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.current_path = ""
+        self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -106,6 +107,10 @@ class _GraphpruneTracer(fx.Tracer):
         self.current_path = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:  # the innermost module whose forward failed
+                self.failed_path = self.current_path
+            raise
         finally:
             self.current_path = previous
 
@@ -132,8 +137,9 @@ def trace(
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError...
-        where = tracer.current_path or type(model).__name__
-        module = work.get_submodule(tracer.current_path) if tracer.current_path else work
+        path = tracer.failed_path or ""
+        where = path or type(model).__name__
+        module = work.get_submodule(path) if path else work
         raise CaptureError(
             f"cannot trace `{where}` ({type(module).__name__}): {exc}. "
             f"Mark it as a leaf (leaf_modules=[{type(module).__name__}] or ['{where}']) "

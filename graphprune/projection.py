@@ -100,3 +100,14 @@ class Projection:
             elif attr in owner._buffers and owner._buffers[attr] is not None:
                 owner._buffers[attr] = self.project(key, owner._buffers[attr])
         return out
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Make every projection parametrization permanent (in place) and return ``model``:
+    after fine-tuning a projected copy, this gives plain weights with the projected
+    structure exactly zero, ready for a lossless pass."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model

@@ -1,0 +1,157 @@
+"""prune-channels: exactness, targets, lossless removal, and refusals."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.samples.models import randomize_, sample_input, sample_net
+from helpers import check_pass
+
+
+@pytest.fixture(scope="module")
+def sample_graph() -> gp.Graph:
+    return gp.trace(sample_net(), sample_input())
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.c2(y))
+        y = nn.functional.adaptive_avg_pool2d(y, 4)
+        return self.fc(y.view(y.size(0), -1))
+
+
+def chain_graph() -> gp.Graph:
+    torch.manual_seed(0)
+    return gp.trace(randomize_(Chain()).eval(), torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("opts", [
+    "ratio=0.3", "ratio=0.5,criterion=l2", "ratio=0.5,criterion=bn_scale", "ratio=0.4,scope=global",
+    "macs=0.5", "ratio=0.5,round_to=4", "ratio=0.9,min_keep=3",
+])
+def test_sample_net_exact(sample_graph: gp.Graph, opts: str) -> None:
+    check_pass(sample_graph, f"prune-channels{{{opts}}}")
+
+
+def test_chain_exact_and_structural() -> None:
+    g = chain_graph()
+    r = check_pass(g, "prune-channels{ratio=0.5}")
+    shapes = {n.label: r.graph.param(n.params["weight"]).shape for n in r.graph.nodes if "weight" in n.params}
+    assert shapes["c1"][0] == 4 and shapes["c2"] == (4, 4, 3, 3)
+    assert shapes["fc"] == (5, 4 * 16)  # flatten -> linear: 16 features per kept channel
+    assert shapes["b1"] == (4,)
+
+
+def test_residual_stream_keeps_same_channels(sample_graph: gp.Graph) -> None:
+    r = check_pass(sample_graph, "prune-channels{ratio=0.5}")
+    stream = ["stem.0", "stage1.0.conv2", "stage1.1.conv2"]
+    kept = [r.graph.param(f"{name}.weight").shape[0] for name in stream]
+    assert len(set(kept)) == 1 and kept[0] < 16
+    analysis = gp.analyse(sample_graph)
+    group = analysis.group_of(gp.Port(sample_graph.find("stem.0").outputs[0], 1))
+    labels = {m.node.label for ms in group.members.values() for m in ms}
+    assert {"stem.0", "stage1.0.conv2", "stage1.1.conv2", "stage1.1.se.fc2"} <= labels
+
+
+def test_macs_budget_met_not_overshot(sample_graph: gp.Graph) -> None:
+    base = gp.graph_cost(sample_graph).macs
+    for target in (0.8, 0.5, 0.3):
+        r = gp.get_pass("prune-channels")(macs=target)(sample_graph)
+        ratio = gp.graph_cost(r.graph).macs / base
+        assert ratio <= target
+        assert ratio > target - 0.15, "budget search removed far more than needed"
+
+
+def test_ratio_zero_changes_nothing(sample_graph: gp.Graph) -> None:
+    check_pass(sample_graph, "prune-channels{ratio=0}", expect_modified=False)
+
+
+def test_ignore_keeps_layer(sample_graph: gp.Graph) -> None:
+    r = check_pass(sample_graph, "prune-channels{ratio=0.5,ignore=branch_a;stage1.1.se.fc1}")
+    assert r.graph.param("branch_a.weight").shape[0] == 16
+    assert r.graph.param("stage1.1.se.fc1.weight").shape[0] == 4
+
+
+def test_grouped_conv_loses_whole_groups(sample_graph: gp.Graph) -> None:
+    r = check_pass(sample_graph, "prune-channels{ratio=0.5}")
+    conv = r.graph.find("stage2.1.conv2")
+    assert conv.attrs["groups"] < 4 and r.graph.param("stage2.1.conv2.weight").shape[1] == 8
+
+
+def test_depthwise_stays_depthwise(sample_graph: gp.Graph) -> None:
+    r = check_pass(sample_graph, "prune-channels{ratio=0.5}")
+    dw = r.graph.find("dw.0")
+    assert dw.attrs["groups"] == r.graph.param("dw.0.weight").shape[0] < 32
+
+
+# ------------------------------------------------------------------ lossless
+def plant_zero_channels(model: nn.Module) -> nn.Module:
+    """Zero some filters (weight and bias) and BN scale+shift in several groups."""
+    with torch.no_grad():
+        model.stage1[0].conv1.weight[[1, 5]] = 0          # zeroed filters, BN kills the rest below
+        model.stage1[0].bn1.weight[[1, 5]] = 0
+        model.stage1[0].bn1.bias[[1, 5]] = 0
+        model.stage2[0].bn1.weight[[0, 7, 9]] = 0         # a normalisation with zero scale and shift
+        model.stage2[0].bn1.bias[[0, 7, 9]] = 0
+        model.fc1.weight[[3, 4]] = 0                      # zero rows and bias of a linear
+        model.fc1.bias[[3, 4]] = 0
+    return model
+
+
+def test_lossless_removes_planted_zeros() -> None:
+    model = plant_zero_channels(sample_net())
+    g = gp.trace(model, sample_input())
+    r = check_pass(g, "prune-channels{lossless=true}")
+    assert r.graph.param("stage1.0.conv1.weight").shape[0] == 14
+    assert r.graph.param("stage2.0.conv1.weight").shape[0] == 29
+    assert r.graph.param("fc1.weight").shape[0] == 62
+    assert gp.graph_cost(r.graph).macs < gp.graph_cost(g).macs
+    out = r.graph.to_module()(sample_input())
+    torch.testing.assert_close(out, model(sample_input()), rtol=1e-5, atol=1e-5)
+
+
+def test_lossless_keeps_nonzero_shift() -> None:
+    """A zero filter followed by a BN with a non-zero shift is not a zero channel."""
+    model = sample_net()
+    with torch.no_grad():
+        model.stage1[0].conv1.weight[2] = 0
+    g = gp.trace(model, sample_input())
+    check_pass(g, "prune-channels{lossless=true}", expect_modified=False)
+
+
+def test_lossless_on_dense_model_is_unchanged(sample_graph: gp.Graph) -> None:
+    check_pass(sample_graph, "prune-channels{lossless=true}", expect_modified=False)
+
+
+# ------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("spec, message", [
+    ("prune-channels{ratio=1.0}", "ratio must be in [0, 1)"),
+    ("prune-channels{ratio=-0.1}", "ratio must be in [0, 1)"),
+    ("prune-channels{macs=0}", "macs must be in (0, 1]"),
+    ("prune-channels", "needs ratio="),
+    ("prune-channels{ratio=0.2,macs=0.5}", "not both"),
+    ("prune-channels{ratio=abc}", "cannot take `abc`"),
+    ("prune-channels{criterion=magic,ratio=0.2}", "unknown criterion"),
+    ("prune-channels{speed=2}", "unknown option `speed`"),
+    ("prune-everything", "unknown pass `prune-everything`"),
+])
+def test_bad_options(spec: str, message: str) -> None:
+    with pytest.raises(gp.PassOptionError, match=re.escape(message)):
+        gp.parse_pipeline(spec)
+
+
+def test_impossible_budget(sample_graph: gp.Graph) -> None:
+    with pytest.raises(gp.BudgetError, match="cannot reach macs=0.001"):
+        gp.run(sample_graph, "prune-channels{macs=0.001}")
