@@ -70,11 +70,13 @@ def remove_channels(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int,
                         continue
                     done.add((key, axis))
                     graph.slice_param(key, axis, idx.tolist())
+    resized = {}
     for node, kept in touched.values():
         fn = RESIZES.get(node.kind)
         if fn is not None:
             fn(graph, node, kept)
-    graph.commit()
+        resized.update({port: len(idx) for port, idx in kept.items()})
+    graph.commit(resized)
     return removed
 
 

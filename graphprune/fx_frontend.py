@@ -17,7 +17,7 @@ import inspect
 import operator
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .graph import Graph, GraphError, NewNode, Node, ValueInfo
+from .graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
 
 
 class CaptureError(GraphError):
@@ -131,7 +131,7 @@ def trace(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = [t.detach() for t in example_inputs]
-    work = copy.deepcopy(model)
+    work = _shallow_tree(model)  # never edits the caller's modules or tensors
     work.eval()
     tracer = _GraphpruneTracer(leaf_modules)
     try:
@@ -154,11 +154,14 @@ class FxFrontend:
 
     name = "fx"
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True
+    ) -> None:
         self.gm = gm
         self._inputs = inputs
         self.original_training = original_training
-        self._propagate()
+        if propagate:
+            self._propagate()
 
     # --------------------------------------------------------------- analysis
     def _propagate(self) -> None:
@@ -326,12 +329,13 @@ class FxFrontend:
     def set_param(self, key: str, value: torch.Tensor) -> None:
         owner, attr = self._owner(key)
         old = getattr(owner, attr)
+        value = value.detach()
         if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+            setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
         elif attr in owner._buffers:
-            owner._buffers[attr] = value.detach().clone()
+            owner._buffers[attr] = value
         else:
-            setattr(owner, attr, value.detach().clone())
+            setattr(owner, attr, value)
 
     # ------------------------------------------------------------------- attrs
     def _fx_node(self, node: Node) -> fx.Node:
@@ -366,8 +370,8 @@ class FxFrontend:
             axis = node.attrs["axis"]
             with self.gm.graph.inserting_before(n):
                 new = self.gm.graph.call_function(torch.split, (x, [int(v) for v in value]), {"dim": axis})
+            new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
-            new.name  # keep fx's naming
             self.gm.graph.erase_node(n)
             return
         if key == "shape" and node.kind == "reshape":
@@ -415,18 +419,44 @@ class FxFrontend:
             if user.name in targets:
                 user.replace_input_with(src, g)
 
-    def commit(self) -> None:
+    def commit(self, resized: Mapping[Port, int] | None = None) -> None:
+        """Re-derive module metadata, check and recompile the graph, and refresh shapes:
+        by patching the resized axes when the caller knows them (a channel rewrite
+        changes exactly the sizes of its ports), else by shape propagation."""
         for mod in self.gm.modules():
             _sync_module_metadata(mod)
         self.gm.graph.eliminate_dead_code()
         self.gm.graph.lint()
         self.gm.recompile()
-        self._propagate()
+        if resized is None or not self._patch_shapes(resized):
+            self._propagate()
+
+    def _patch_shapes(self, resized: Mapping[Port, int]) -> bool:
+        by_value: dict[str, dict[int, int]] = {}
+        for port, size in resized.items():
+            by_value.setdefault(port.value, {})[port.axis] = size
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for value, axes in by_value.items():
+            n = nodes.get(value)
+            meta = n.meta.get("tensor_meta") if n is not None else None
+            if not _is_tensor_meta(meta):
+                return False
+            shape = list(meta.shape)
+            for axis, size in axes.items():
+                shape[axis] = size
+            n.meta["tensor_meta"] = meta._replace(shape=torch.Size(shape))
+        return True
 
     # --------------------------------------------------------------- running
     def copy(self) -> "FxFrontend":
-        gm = copy.deepcopy(self.gm)
-        return FxFrontend(gm, self._inputs, self.original_training)
+        """A copy whose module tree is new and whose tensors are shared until edited
+        (edits replace tensors, never write into them); shapes carry over."""
+        root = _shallow_tree(self.gm)
+        graph = fx.Graph()
+        out = graph.graph_copy(self.gm.graph, {})
+        graph.output(out)
+        gm = fx.GraphModule(root, graph, self.gm.__class__.__name__)
+        return FxFrontend(gm, self._inputs, self.original_training, propagate=False)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.gm.eval()
@@ -454,6 +484,15 @@ class _GatherIndex(nn.Module):
 
 
 # ------------------------------------------------------------------- helpers
+def _shallow_tree(module: nn.Module) -> nn.Module:
+    """Copy the module objects of a tree, sharing their parameter and buffer tensors."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    return new
+
+
 def _module_kind(mod: nn.Module) -> tuple[str, dict[str, Any]]:
     if isinstance(mod, nn.modules.conv._ConvNd):
         attrs = {

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -123,7 +123,9 @@ class Frontend(Protocol):
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Re-derive metadata and shapes after edits; may accept ``resized`` (Port -> size)."""
+        ...
 
     def copy(self) -> "Frontend": ...
 
@@ -133,6 +135,12 @@ class Frontend(Protocol):
 
     @property
     def name(self) -> str: ...
+
+
+def _accepts_resized(frontend: Frontend) -> bool:
+    import inspect
+
+    return "resized" in inspect.signature(frontend.commit).parameters
 
 
 class Graph:
@@ -209,13 +217,15 @@ class Graph:
 
     # ----------------------------------------------------------------- editing
     def set_param(self, key: str, value: torch.Tensor) -> None:
+        """Replace parameter ``key`` by ``value`` (taken over, not copied).  Weights are
+        never written in place, which lets :meth:`copy` share unedited tensors."""
         self.frontend.set_param(key, value)
 
     def slice_param(self, key: str, axis: int, keep: Sequence[int]) -> None:
         """Keep only indices ``keep`` (sorted) of parameter ``key`` along ``axis``."""
         tensor = self.frontend.get_param(key)
         index = torch.as_tensor(list(keep), dtype=torch.long)
-        self.frontend.set_param(key, tensor.index_select(axis, index).clone())
+        self.frontend.set_param(key, tensor.index_select(axis, index))
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
         self.frontend.set_attr(node, key, value)
@@ -227,9 +237,14 @@ class Graph:
         """Feed ``consumers`` with ``value`` reindexed along ``axis`` (``out[i] = in[index[i]]``)."""
         self.frontend.insert_gather(value, axis, list(index), list(consumers))
 
-    def commit(self) -> None:
-        """Finish a batch of edits: the frontend re-derives metadata and shapes, the view is rebuilt."""
-        self.frontend.commit()
+    def commit(self, resized: Mapping[Port, int] | None = None) -> None:
+        """Finish a batch of edits: the frontend re-derives metadata and shapes, the view
+        is rebuilt.  ``resized`` (new sizes of the ports an edit changed) lets a frontend
+        patch shapes instead of propagating them again."""
+        if resized is not None and _accepts_resized(self.frontend):
+            self.frontend.commit(resized)  # type: ignore[call-arg]
+        else:
+            self.frontend.commit()
         self._rebuild()
 
     def copy(self) -> "Graph":

@@ -1,0 +1,25 @@
+"""The `graphprune` command line: demo and passes."""
+from __future__ import annotations
+
+import onnx
+
+from graphprune.cli import main
+
+
+def test_demo_prunes_verifies_and_exports(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "exactness vs projected reference" in out and "total" in out
+    model = onnx.load(str(tmp_path / "sample-pruned.onnx"))
+    onnx.checker.check_model(model)
+    assert (tmp_path / "sample.onnx").stat().st_size > (tmp_path / "sample-pruned.onnx").stat().st_size
+
+
+def test_demo_bad_pipeline_exit_code(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "-p", "prune-channels{ratio=2}"]) == 2
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_passes_lists_options(capsys) -> None:
+    assert main(["passes"]) == 0
+    assert "prune-channels{ratio=None" in capsys.readouterr().out
