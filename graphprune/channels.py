@@ -41,11 +41,11 @@ def channel_projection(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[i
         if group.id not in keep:
             continue
         for port, idx in kept_indices(group, keep[group.id]).items():
-            removed = np.setdiff1d(np.arange(group.sizes[port]), idx)
+            removed_list = np.setdiff1d(np.arange(group.sizes[port]), idx).tolist()
             for m in group.members[port]:
                 for role, axis in m.coupling.slices:
                     key = m.node.params[role]
-                    proj.zero(key, tuple(graph.param(key).shape), axis, removed.tolist())
+                    proj.zero(key, tuple(graph.param(key).shape), axis, removed_list)
     return proj
 
 

@@ -43,23 +43,35 @@ class _Mapped(nn.Module):
 
 @dataclass
 class Projection:
-    """Per-parameter projections: multiplicative masks and/or functions."""
+    """Per-parameter projections: multiplicative masks and/or functions.
 
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    Zeroed slices are recorded cheaply and turned into masks only when ``masks`` is read.
+    """
+
+    _masks: dict[str, torch.Tensor] = field(default_factory=dict)
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    _zeros: dict[str, tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = field(default_factory=dict)
 
-    def zero(self, key: str, shape: tuple[int, ...], axis: int, index: list[int] | torch.Tensor) -> None:
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        for key, (shape, slices) in self._zeros.items():
+            mask = self._masks.get(key)
+            if mask is None:
+                mask = self._masks[key] = torch.ones(shape)
+            for axis, index in slices:
+                mask.index_fill_(axis, torch.as_tensor(index, dtype=torch.long), 0.0)
+        self._zeros.clear()
+        return self._masks
+
+    def zero(self, key: str, shape: tuple[int, ...], axis: int, index: list[int]) -> None:
         """Zero ``index`` along ``axis`` of parameter ``key`` (shape ``shape``)."""
-        mask = self.masks.get(key)
-        if mask is None:
-            mask = torch.ones(shape)
-            self.masks[key] = mask
-        idx = torch.as_tensor(index, dtype=torch.long)
-        mask.index_fill_(axis, idx, 0.0)
+        self._zeros.setdefault(key, (tuple(shape), []))[1].append((axis, list(index)))
 
     def mask(self, key: str, mask: torch.Tensor) -> None:
-        old = self.masks.get(key)
-        self.masks[key] = mask.clone() if old is None else old * mask
+        """Multiply parameter ``key`` by ``mask``."""
+        masks = self.masks
+        old = masks.get(key)
+        masks[key] = mask.clone() if old is None else old * mask
 
     def project(self, key: str, value: torch.Tensor) -> torch.Tensor:
         out = value
@@ -70,10 +82,10 @@ class Projection:
         return out
 
     def keys(self) -> set[str]:
-        return set(self.masks) | set(self.functions)
+        return set(self._masks) | set(self._zeros) | set(self.functions)
 
     def __bool__(self) -> bool:
-        return bool(self.masks or self.functions)
+        return bool(self.keys())
 
     def apply(self, graph: Graph) -> Graph:
         """The projected reference: a copy of ``graph`` with projected weights."""
