@@ -408,7 +408,10 @@ class FxFrontend:
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         src = next(n for n in self.gm.graph.nodes if n.name == value)
         holder = _GatherIndex(index)
-        name = f"gp_gather_{len([m for m in self.gm.modules() if isinstance(m, _GatherIndex)])}"
+        n = len([m for m in self.gm.modules() if isinstance(m, _GatherIndex)])
+        while hasattr(self.gm, f"gp_gather_{n}"):  # dead gathers' modules are deleted at commit
+            n += 1
+        name = f"gp_gather_{n}"
         self.gm.add_submodule(name, holder)
         targets = {c.name for c in consumers}
         with self.gm.graph.inserting_after(src):
@@ -426,6 +429,7 @@ class FxFrontend:
         for mod in self.gm.modules():
             _sync_module_metadata(mod)
         self.gm.graph.eliminate_dead_code()
+        self.gm.delete_all_unused_submodules()  # modules of nodes that became dead
         self.gm.graph.lint()
         self.gm.recompile()
         if resized is None or not self._patch_shapes(resized):
