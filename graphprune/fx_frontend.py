@@ -456,10 +456,7 @@ class FxFrontend:
         """A copy whose module tree is new and whose tensors are shared until edited
         (edits replace tensors, never write into them); shapes carry over."""
         root = _shallow_tree(self.gm)
-        graph = fx.Graph()
-        out = graph.graph_copy(self.gm.graph, {})
-        graph.output(out)
-        gm = fx.GraphModule(root, graph, self.gm.__class__.__name__)
+        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -469,7 +466,17 @@ class FxFrontend:
         return [t for t in _flatten_tensors(out)]
 
     def to_module(self) -> nn.Module:
-        gm = copy.deepcopy(self.gm)
+        """An independent ``GraphModule``: new module objects and cloned tensors, in the
+        training mode of the model that was traced."""
+        root = _shallow_tree(self.gm)
+        for mod in root.modules():
+            for k, v in mod._parameters.items():
+                if v is not None:
+                    mod._parameters[k] = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+            for k, v in mod._buffers.items():
+                if v is not None:
+                    mod._buffers[k] = v.clone()
+        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=False)
         gm.train(self.original_training)
         return gm
 
@@ -488,6 +495,21 @@ class _GatherIndex(nn.Module):
 
 
 # ------------------------------------------------------------------- helpers
+def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx.GraphModule:
+    """A GraphModule over a copy of ``graph`` (node metadata kept).  ``lazy`` defers code
+    generation to the first call, so copies that are edited and committed compile once."""
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    if lazy:
+        try:
+            from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        except ImportError:  # older torch: compile eagerly
+            return fx.GraphModule(root, new, name)
+        with _use_lazy_graph_module(True):
+            return fx.GraphModule(root, new, name)
+    return fx.GraphModule(root, new, name)
+
+
 def _shallow_tree(module: nn.Module) -> nn.Module:
     """Copy the module objects of a tree, sharing their parameter and buffer tensors."""
     new = copy.copy(module)
