@@ -283,6 +283,8 @@ class FxFrontend:
             kind, attrs, ins = "layernorm", {"normalized_ndim": len(_arg(n, 1, "normalized_shape", ()))}, ins[:1]
         elif t is F.pad:
             kind, attrs, ins = "pad", {"pads": list(_arg(n, 1, "pad", ()))}, ins[:1]
+        elif t is torch.index_select:
+            kind, attrs = "gather", {"axis": _arg(n, 1, "dim", 0)}
         elif t in (torch.matmul, torch.bmm, operator.matmul):
             kind = "matmul"
         return Node(n.name, kind, ins, outs, attrs, {}, label, target)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from .graph import Graph, Node, Port
 
@@ -430,6 +431,69 @@ def _reshape_segments(sx: tuple[int, ...], sy: tuple[int, ...]) -> list[tuple[tu
     return segs
 
 
+@rule("squeeze")
+def squeeze_rule(graph: Graph, node: Node, port: Port) -> Coupling:
+    """Squeeze removes size-1 axes ``attrs["axes"]`` (input numbering): input axis a that
+    stays becomes output axis a - #{removed axes < a}, index for index.  A removed axis
+    has size 1 and carries no channels."""
+    x, y = node.inputs[0], node.outputs[0]
+    removed = sorted(norm_axis(int(a), _rank(graph, x)) for a in node.attrs.get("axes", []))
+    if port.value == x:
+        if port.axis in removed:
+            return Coupling()
+        return Coupling(links=[Link(port, Port(y, port.axis - sum(a < port.axis for a in removed)))])
+    kept = [a for a in range(_rank(graph, x)) if a not in removed]
+    return Coupling(links=[Link(port, Port(x, kept[port.axis]))])
+
+
+@rule("unsqueeze")
+def unsqueeze_rule(graph: Graph, node: Node, port: Port) -> Coupling:
+    """Unsqueeze inserts size-1 axes ``attrs["axes"]`` (output numbering): output axis j
+    that is not inserted is input axis j - #{inserted axes < j}, index for index."""
+    x, y = node.inputs[0], node.outputs[0]
+    inserted = sorted(norm_axis(int(a), _rank(graph, y)) for a in node.attrs.get("axes", []))
+    if port.value == y:
+        if port.axis in inserted:
+            return Coupling()
+        return Coupling(links=[Link(port, Port(x, port.axis - sum(a < port.axis for a in inserted)))])
+    kept = [j for j in range(_rank(graph, y)) if j not in inserted]
+    return Coupling(links=[Link(port, Port(y, kept[port.axis]))])
+
+
+@rule("slice")
+def slice_rule(graph: Graph, node: Node, port: Port) -> Coupling:
+    """Slice keeps a range of indices on the axes ``attrs["axes"]`` it cuts: those freeze
+    (which channels survive depends on their position); every other axis passes through."""
+    x, y = node.inputs[0], node.outputs[0]
+    cut = {norm_axis(int(a), _rank(graph, x)) for a in node.attrs.get("axes", [])}
+    if port.axis in cut:
+        return frozen(f"{node} slices axis {port.axis}")
+    return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+
+
+@rule("gather")
+def gather_rule(graph: Graph, node: Node, port: Port) -> Coupling:
+    """Gather with a constant index along axis a: output channel i is input channel
+    index[i] (a folded permutation, a crop); other axes pass through unchanged."""
+    x, y = node.inputs[0], node.outputs[0]
+    axis = norm_axis(int(node.attrs["axis"]), _rank(graph, x))
+    index = _gather_index(graph, node)
+    if port.value not in (x, y):
+        return frozen(f"{node}: its index is not a channel tensor")
+    if port.axis != axis:
+        return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+    if index is None:
+        return frozen(f"{node} gathers with an index that is not a constant")
+    return Coupling(links=[Link(Port(y, axis), Port(x, axis), index)])
+
+
+def _gather_index(graph: Graph, node: Node) -> np.ndarray | None:
+    src = graph.producer(node.inputs[1]) if len(node.inputs) > 1 else None
+    if src is None or src.kind != "constant":
+        return None
+    return graph.node_param(src, "value").reshape(-1).long().numpy()  # type: ignore[union-attr]
+
+
 @rule("mha")
 def mha_rule(graph: Graph, node: Node, port: Port) -> Coupling:
     return frozen(f"{node}: multi-head attention keeps its embedding channels")
@@ -500,6 +564,27 @@ def split_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> None
         p = Port(v, axis)
         sizes.append(len(kept[p]) if p in kept else graph.shape(v)[axis])  # type: ignore[index]
     graph.set_attr(node, "sizes", sizes)
+
+
+@resize("gather")
+def gather_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> None:
+    """Renumber a gather's index after its input and output lost channels:
+    new_index[j] = position of index[kept_out[j]] among the kept input channels."""
+    x, y = node.inputs[0], node.outputs[0]
+    axis = norm_axis(int(node.attrs["axis"]), _rank(graph, x))
+    pin, pout = Port(x, axis), Port(y, axis)
+    if pin not in kept and pout not in kept:
+        return
+    index = _gather_index(graph, node)
+    src = graph.producer(node.inputs[1])
+    assert index is not None and src is not None
+    kept_in = kept.get(pin, np.arange(graph.shape(x)[axis]))  # type: ignore[index]
+    kept_out = kept.get(pout, np.arange(len(index)))
+    position = np.full(graph.shape(x)[axis], -1)  # type: ignore[index]
+    position[kept_in] = np.arange(len(kept_in))
+    new = position[index[kept_out]]
+    old = graph.node_param(src, "value")
+    graph.set_param(src.params["value"], torch.as_tensor(new, dtype=old.dtype))  # type: ignore[union-attr]
 
 
 @resize("reshape")

@@ -130,3 +130,27 @@ def test_reshape_segments() -> None:
     assert _reshape_segments((2, 8, 4, 4), (2, 128)) == [((0, 0), (0, 0)), ((1, 3), (1, 1))]
     assert _reshape_segments((2, 128), (2, 8, 16)) == [((0, 0), (0, 0)), ((1, 1), (1, 2))]
     assert _reshape_segments((2, 6), (3, 4)) is None or True  # irregular: handled as frozen by the rule
+
+
+class Gathered(nn.Module):
+    """A conv whose output channels are reordered by a constant index (a folded permutation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+        self.register_buffer("order", torch.tensor([5, 0, 3, 1, 4, 2]))
+
+    def forward(self, x):
+        return self.b(torch.index_select(self.a(x), 1, self.order))
+
+
+def test_gather_links_channels_and_prunes_exactly() -> None:
+    torch.manual_seed(0)
+    g = trace(Gathered(), 2, 3, 4, 4)
+    group = group_at(g, "a")
+    assert group.n_classes == 6 and group.prunable.all()
+    result = gp.get_pass("prune-channels")(ratio=0.5)(g)
+    assert result.graph.param("a.weight").shape[0] == 3
+    assert gp.compare(result.graph, result.reference()) <= 1e-5
+    order = result.graph.param("order")
+    assert sorted(order.tolist()) == [0, 1, 2]
