@@ -244,7 +244,7 @@ class FxFrontend:
 
     def _classify_module(self, n: fx.Node, ins: list[str], outs: list[str]) -> Node:
         path = _module_path(n)
-        mod = self.gm.get_submodule(path)
+        mod = self._module(path)
         params = {k: f"{path}.{k}" for k, v in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)) if v is not None}
         kind, attrs = _module_kind(mod)
         return Node(n.name, kind, ins, outs, attrs, params, path, type(mod).__name__)
@@ -317,9 +317,18 @@ class FxFrontend:
         return Node(n.name, kind, ins, outs, attrs, {}, n.name, f"Tensor.{m}")
 
     # ------------------------------------------------------------------ params
+    def _module(self, path: str) -> nn.Module:
+        """Submodule by qualified path, through a cache of the module tree (dropped on
+        commit, when the tree may change)."""
+        cache = self.__dict__.get("_module_cache")
+        if cache is None:
+            cache = self._module_cache = dict(self.gm.named_modules(remove_duplicate=False))
+        mod = cache.get(path)
+        return mod if mod is not None else self.gm.get_submodule(path)
+
     def _owner(self, key: str) -> tuple[nn.Module, str]:
         path, _, attr = key.rpartition(".")
-        return (self.gm.get_submodule(path) if path else self.gm), attr
+        return (self._module(path) if path else self.gm), attr
 
     def get_param(self, key: str) -> torch.Tensor:
         owner, attr = self._owner(key)
@@ -405,7 +414,9 @@ class FxFrontend:
     def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
         from .fx_build import replace_with_new_nodes
 
+        self.__dict__.pop("_module_cache", None)
         replace_with_new_nodes(self, node, new)
+        self.__dict__.pop("_module_cache", None)
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         src = next(n for n in self.gm.graph.nodes if n.name == value)
@@ -415,6 +426,7 @@ class FxFrontend:
             n += 1
         name = f"gp_gather_{n}"
         self.gm.add_submodule(name, holder)
+        self.__dict__.pop("_module_cache", None)
         targets = {c.name for c in consumers}
         with self.gm.graph.inserting_after(src):
             idx = self.gm.graph.get_attr(f"{name}.index")
@@ -428,6 +440,7 @@ class FxFrontend:
         """Re-derive module metadata, check and recompile the graph, and refresh shapes:
         by patching the resized axes when the caller knows them (a channel rewrite
         changes exactly the sizes of its ports), else by shape propagation."""
+        self.__dict__.pop("_module_cache", None)
         for mod in self.gm.modules():
             _sync_module_metadata(mod)
         self.gm.graph.eliminate_dead_code()
