@@ -64,6 +64,8 @@ _ACTIVATION_METHODS: dict[str, tuple[str, bool]] = {
     "tanh": ("tanh", True), "exp": ("exp", False),
 }
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, torch.clone}
+# wrapped (fx.wrap) library functions that scale each sample by one value: per channel
+_IDENTITY_FUNCTION_NAMES = {"stochastic_depth"}
 _IDENTITY_METHODS = {"contiguous", "clone", "float", "to", "type_as", "detach"}
 _POOL_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
@@ -259,7 +261,7 @@ class FxFrontend:
         elif t in _ACTIVATION_FUNCTIONS:
             fn, zero = _ACTIVATION_FUNCTIONS[t]
             kind, attrs, ins = "act", {"fn": fn, "zero_preserving": zero}, ins[:1]
-        elif t in _IDENTITY_FUNCTIONS:
+        elif t in _IDENTITY_FUNCTIONS or target in _IDENTITY_FUNCTION_NAMES:
             kind, ins = "identity", ins[:1]
         elif t in _POOL_FUNCTIONS:
             kind, ins = "pool", ins[:1]
