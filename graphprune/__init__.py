@@ -5,6 +5,7 @@ from .cost import Cost, graph_cost
 from .coupling import CouplingAnalysis, PruningGroup, analyse
 from .fx_frontend import CaptureError, trace
 from .graph import Graph, GraphError, Node, Port
+from .onnx_frontend import load_onnx
 from .passes_base import (
     BudgetError,
     Pass,
@@ -25,6 +26,6 @@ __all__ = [
     "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
     "Pass", "PassManager", "PassOptionError", "PassResult", "PipelineResult", "Port",
     "Projection", "PruningGroup", "VerificationError", "analyse", "assert_exact", "bake", "compare",
-    "get_pass", "graph_cost", "parse_pipeline", "register_pass", "run", "trace",
+    "get_pass", "graph_cost", "load_onnx", "parse_pipeline", "register_pass", "run", "trace",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,334 @@
+"""``graphprune optimize`` and ``graphprune inspect``: the post-export ONNX optimizer.
+
+``optimize IN.onnx -o OUT.onnx -p PIPELINE`` loads the model (dynamic input dims fixed by
+``--input-shape``), runs the pipeline through the :class:`~graphprune.passes_base.PassManager`
+(each pass checked against its projected reference), writes the result atomically and,
+before the file takes its final name, runs ``--check N`` random inputs through
+onnxruntime (graph optimisations off) on the written file: against the last pass's
+projected reference, or against the input file itself with ``--lossless``.
+
+Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input (no output written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .cli import EXIT_OK, command, format_table
+from .graph import Graph, GraphError, Node
+from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED = ("conv", "conv_transpose", "linear", "matmul")
+
+
+# ------------------------------------------------------------------ arguments
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["x:1,3,224,224", ...]`` -> ``{"x": (1, 3, 224, 224)}``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, colon, dims = spec.rpartition(":")
+        if not colon or not name:
+            raise GraphError(f"--input-shape `{spec}` must be written NAME:D0,D1,... (e.g. input:1,3,224,224)")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise GraphError(f"--input-shape `{spec}`: dimensions must be integers") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise GraphError(f"--input-shape `{spec}`: dimensions must be positive integers")
+        out[name] = shape
+    return out
+
+
+def _with_lossless(pipeline: str) -> str:
+    """Add ``lossless=true`` to every pass of ``pipeline`` that has the option (so a pass
+    that needs a target validates without one)."""
+    import dataclasses
+
+    items = []
+    for item in _split_top(pipeline):
+        name, brace, rest = item.partition("{")
+        fields = {f.name for f in dataclasses.fields(get_pass(name.strip()))}
+        body = rest[:-1].strip() if brace and rest.endswith("}") else rest
+        if "lossless" in fields and "lossless=" not in body.replace(" ", ""):
+            body = f"{body},lossless=true" if body else "lossless=true"
+        items.append(f"{name.strip()}{{{body}}}" if body else name.strip())
+    return ",".join(items)
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape", action="append", metavar="NAME:D0,D1,...", default=[],
+        help="fix a dynamic input's shape for analysis (repeatable); the output keeps the symbolic dims",
+    )
+
+
+def _optimize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="the ONNX model to optimize (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    p.add_argument("-p", "--pipeline", default=None,
+                   help="passes to run, e.g. 'prune-channels{ratio=0.3}' (default with --lossless: prune-channels)")
+    p.add_argument("--lossless", action="store_true",
+                   help="run every pass at its lossless setting (remove only structure that is already zero)")
+    _shape_args(p)
+    p.add_argument("--report", metavar="FILE", help="write per-layer channels, MACs and params before/after as JSON")
+    p.add_argument("--check", type=int, default=3, metavar="N",
+                   help="random inputs to compare on the written file (0: no checks at all)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="tolerance of the checks (relative to output scale)")
+    p.add_argument("--external-data", action="store_true", help="store tensors in OUT.onnx.data (automatic above 1.5 GiB)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="the ONNX model to inspect")
+    _shape_args(p)
+    p.add_argument("--ignore", action="append", default=[], metavar="NODE", help="node names whose channels must stay")
+
+
+# ------------------------------------------------------------------- optimize
+@command("optimize", _optimize_args)
+def optimize(args: argparse.Namespace) -> int:
+    """Run a pass pipeline on an ONNX file and write the slimmed model."""
+    from tqdm import tqdm
+
+    from .onnx_frontend import load_onnx, save_model
+
+    src, dst = args.input, args.output
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"no such file: `{src}`")
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise GraphError(f"-o `{dst}` is the input file: graphprune never overwrites its input, choose another path")
+    if args.check < 0:
+        raise GraphError("--check must be 0 or more")
+    if args.pipeline is None and not args.lossless:
+        raise GraphError("give a pipeline with -p (e.g. -p 'prune-channels{ratio=0.3}') or use --lossless")
+    text = args.pipeline or "prune-channels"
+    passes = parse_pipeline(_with_lossless(text) if args.lossless else text)
+    shapes = parse_input_shapes(args.input_shape)
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(passes) + 2, desc="load", file=sys.stderr, disable=args.no_progress, leave=False)
+    try:
+        graph = load_onnx(src, shapes)
+        graph.frontend.session()  # fails early (exit 2) when onnxruntime cannot run the input
+        bar.update(1)
+
+        def progress(p: Any) -> None:
+            bar.set_description(p.spec())
+            bar.update(1)
+
+        manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless)
+        result = manager.run(graph, progress=progress)
+        bar.set_description("write")
+        check = _Check(args, graph, result)
+        save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
+                   protect=[src], check=check)
+        bar.update(1)
+    finally:
+        bar.close()
+    _print_summary(graph, result, check, time.perf_counter() - started, dst)
+    if args.report:
+        _write_report(args.report, args, [p.spec() for p in manager.passes], graph, result, check)
+    return EXIT_OK
+
+
+class _Check:
+    """Compare the written file with its reference on N random inputs (before it is renamed
+    into place); raise :class:`VerificationError` on a mismatch."""
+
+    def __init__(self, args: argparse.Namespace, graph: Graph, result: PipelineResult) -> None:
+        self.n = args.check
+        self.rtol = args.rtol
+        self.lossless = args.lossless
+        self.source = args.input
+        self.graph = graph
+        self.result = result
+        self.max_difference: float | None = None
+        self.against = ""
+
+    def reference(self) -> Any:
+        """A callable inputs -> outputs: the input file (lossless) or the projected reference."""
+        if self.lossless or not self.result.modified:
+            self.against = "input file"
+            sess = _file_session(self.source)
+            names = [i.name for i in sess.get_inputs()]
+            return lambda xs: [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})]
+        last = [r for r in self.result.results if r.modified][-1]
+        ref = last.reference()
+        self.against = f"projected reference of {last.pass_name}"
+        return lambda xs: ref.run(*xs)
+
+    def __call__(self, path: str) -> None:
+        if self.n <= 0:
+            return
+        from .verify import relative_error
+
+        reference = self.reference()
+        sess = _file_session(path)
+        names = [i.name for i in sess.get_inputs()]
+        worst = 0.0
+        for seed in range(self.n):
+            xs = self.graph.random_inputs(seed)
+            got = [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})]
+            worst = max(worst, relative_error(got, reference(xs)))
+        self.max_difference = worst
+        if not worst <= self.rtol:
+            raise VerificationError(
+                f"the written model differs from the {self.against} by {worst:.3g} on {self.n} random inputs "
+                f"(tolerance {self.rtol:g}); no output was written"
+            )
+
+
+def _file_session(path: str) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GraphError(f"onnxruntime cannot run `{path}`: {str(exc).splitlines()[0]}") from exc
+
+
+# --------------------------------------------------------------------- report
+def _channels(graph: Graph, node: Node) -> int | None:
+    shape = graph.shape(node.outputs[0]) if node.outputs else None
+    if not shape:
+        return None
+    return int(shape[-1] if node.kind in ("linear", "matmul") else shape[1] if len(shape) > 1 else shape[0])
+
+
+def layer_rows(before: Graph, after: Graph) -> list[dict[str, Any]]:
+    """Per weighted layer (by label): output channels, MACs and params before and after."""
+    from .cost import graph_cost
+
+    cb, ca = graph_cost(before), graph_cost(after)
+    after_nodes = {n.label or n.name: n for n in after.nodes}
+    before_labels = set()
+    rows = []
+    for node in before.nodes:
+        label = node.label or node.name
+        if node.kind not in WEIGHTED and not cb.per_node.get(label, (0, 0))[0]:
+            continue
+        before_labels.add(label)
+        other = after_nodes.get(label)
+        mb, pb = cb.per_node.get(label, (0, 0))
+        ma, pa = ca.per_node.get(label, (0, 0))
+        rows.append({
+            "layer": label, "kind": node.kind,
+            "channels_before": _channels(before, node), "channels_after": _channels(after, other) if other else 0,
+            "macs_before": mb, "macs_after": ma if other else 0, "params_before": pb, "params_after": pa if other else 0,
+        })
+    for node in after.nodes:  # layers a pass created (factorized halves, ...)
+        label = node.label or node.name
+        if label in before_labels or node.kind not in WEIGHTED:
+            continue
+        ma, pa = ca.per_node.get(label, (0, 0))
+        rows.append({"layer": label, "kind": node.kind, "channels_before": None, "channels_after": _channels(after, node),
+                     "macs_before": 0, "macs_after": ma, "params_before": 0, "params_after": pa})
+    return rows
+
+
+def _totals(before: Graph, after: Graph) -> dict[str, Any]:
+    from .cost import graph_cost
+
+    cb, ca = graph_cost(before), graph_cost(after)
+    return {
+        "macs_before": cb.macs, "macs_after": ca.macs, "macs_ratio": ca.macs / max(cb.macs, 1),
+        "params_before": cb.params, "params_after": ca.params, "params_ratio": ca.params / max(cb.params, 1),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: Graph, result: PipelineResult, check: _Check) -> None:
+    from .emit import atomic_path
+
+    report = {
+        "input": args.input, "output": args.output,
+        "pipeline": specs, "lossless": bool(args.lossless),
+        "input_shapes": {k: list(v) for k, v in graph.frontend.input_shapes().items()},
+        "passes": [
+            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records}
+            for spec, r, t in zip(specs, result.results, result.timings)
+        ],
+        "layers": layer_rows(graph, result.graph),
+        "totals": _totals(graph, result.graph),
+        "check": {"inputs": check.n, "against": check.against, "max_difference": check.max_difference, "rtol": check.rtol},
+    }
+    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1, default=_jsonable)
+
+
+def _print_summary(graph: Graph, result: PipelineResult, check: _Check, seconds: float, dst: str) -> None:
+    t = _totals(graph, result.graph)
+    for r, secs in zip(result.results, result.timings):
+        print(f"{r.pass_name}: {'modified' if r.modified else 'no change'} ({secs:.2f}s)")
+    print(f"MACs   {t['macs_before']:,} -> {t['macs_after']:,} ({t['macs_ratio']:.1%})")
+    print(f"params {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.1%})")
+    if check.max_difference is not None:
+        print(f"check: {check.n} random inputs through onnxruntime, "
+              f"max relative difference {check.max_difference:.2e} vs the {check.against}")
+    print(f"wrote {dst} in {seconds:.1f}s")
+
+
+# -------------------------------------------------------------------- inspect
+@command("inspect", _inspect_args)
+def inspect_model(args: argparse.Namespace) -> int:
+    """Print an ONNX model's pruning groups, frozen channels and per-layer cost."""
+    from .cost import graph_cost
+    from .coupling import analyse
+    from .onnx_frontend import load_onnx
+
+    if not os.path.exists(args.input):
+        raise FileNotFoundError(f"no such file: `{args.input}`")
+    graph = load_onnx(args.input, parse_input_shapes(args.input_shape))
+    analysis = analyse(graph, ignore=args.ignore)
+    shapes = ", ".join(f"{k} {tuple(v)}" for k, v in graph.frontend.input_shapes().items())
+    print(f"{args.input}: {len(graph.nodes)} ops, inputs {shapes}")
+    print(f"\npruning groups ({len(analysis.groups)}):")
+    for g in analysis.groups:
+        print(f"  {g.describe()}")
+    print("\nfrozen channels:")
+    reasons = analysis.frozen_reasons()
+    if not reasons:
+        print("  none")
+    for port, reason in sorted(reasons.items(), key=lambda kv: (kv[0].value, kv[0].axis)):
+        size = (graph.shape(port.value) or ())[port.axis] if graph.shape(port.value) else "?"
+        print(f"  {port.value} axis {port.axis} ({size} channels): {reason}")
+    unknown = [n for n in graph.nodes if n.kind == "unknown"]
+    if unknown:
+        print("\nops without a channel rule (their channels are frozen):")
+        for n in unknown:
+            print(f"  {n.label or n.name}: {n.attrs.get('reason', n.target)}")
+    cost = graph_cost(graph)
+    rows = []
+    for node in graph.nodes:
+        label = node.label or node.name
+        macs, params = cost.per_node.get(label, (0, 0))
+        if macs or (params and node.kind != "constant"):
+            rows.append((label, node.kind, _channels(graph, node) or "", f"{macs:,}", f"{params:,}"))
+    rows.append(("total", "", "", f"{cost.macs:,}", f"{cost.params:,}"))
+    print("\ncost per layer:")
+    print(format_table(rows, ("layer", "kind", "out channels", "MACs", "params")))
+    return EXIT_OK
