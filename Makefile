@@ -26,7 +26,10 @@ test-zoo: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m zoo tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/vs_torch_pruning.py
+	$(PY) benchmarks/vs_torch_pruning.py --repeat 3
+	$(PY) benchmarks/vs_onnxsim.py
+	$(PY) benchmarks/group_convs.py
+	$(PY) benchmarks/shrink_factorize.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
