@@ -54,13 +54,13 @@ import contextlib
 import heapq
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
 from graphprune.cost import graph_cost
+from graphprune.layers import candidate_layers
 from graphprune.graph import Graph, NewNode, Node
 from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
@@ -295,25 +295,10 @@ class Factorize(Pass):
         return FactorizeResult(work, bool(chosen), graph, projection, records, skipped=skipped)
 
     def _layers(self, graph: Graph) -> tuple[list[_Layer], dict[str, str]]:
-        layers, skipped = [], {}
-        users = Counter(key for node in graph.nodes for key in node.params.values())
-        for node in graph.nodes:
+        layers: list[_Layer] = []
+        skipped: dict[str, str] = {}
+        for node, w in candidate_layers(graph, ("conv", "linear"), self.ignore, skipped, "transposed conv: not factorized"):
             label = _label(node)
-            if node.kind == "conv_transpose":
-                skipped[label] = "transposed conv: not factorized"
-                continue
-            if node.kind not in ("conv", "linear"):
-                continue
-            if node.label in self.ignore or node.name in self.ignore:
-                skipped[label] = "ignored"
-                continue
-            w = graph.node_param(node, "weight")
-            if w is None:
-                skipped[label] = "its weight is not a parameter"
-                continue
-            if users[node.params["weight"]] > 1:
-                skipped[label] = f"its weight `{node.params['weight']}` is shared with other nodes"
-                continue
             layer_or_reason = self._layer(graph, node, w)
             if isinstance(layer_or_reason, str):
                 skipped[label] = layer_or_reason

@@ -53,13 +53,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from graphprune.cost import graph_cost
+from graphprune.layers import candidate_layers
 from graphprune.graph import Graph, NewNode, Node
 from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
@@ -244,25 +244,10 @@ class ShrinkKernels(Pass):
         return ShrinkResult(work, bool(chosen), graph, projection, records, skipped=skipped)
 
     def _layers(self, graph: Graph) -> tuple[list[_Layer], dict[str, str]]:
-        layers, skipped = [], {}
-        users = Counter(key for node in graph.nodes for key in node.params.values())
-        for node in graph.nodes:
-            label = _label(node)
-            if node.kind == "conv_transpose":
-                skipped[label] = "transposed conv: shrinking its kernel changes the output size"
-                continue
-            if node.kind != "conv":
-                continue
-            if node.label in self.ignore or node.name in self.ignore:
-                skipped[label] = "ignored"
-                continue
-            w = graph.node_param(node, "weight")
-            if w is None:
-                skipped[label] = "its weight is not a parameter"
-                continue
-            if users[node.params["weight"]] > 1:
-                skipped[label] = f"its weight `{node.params['weight']}` is shared with other nodes"
-                continue
+        layers: list[_Layer] = []
+        skipped: dict[str, str] = {}
+        reason = "transposed conv: shrinking its kernel changes the output size"
+        for node, w in candidate_layers(graph, ("conv",), self.ignore, skipped, reason):
             if max(w.shape[2:], default=1) < 3:
                 continue  # nothing to drop: not worth a record
             nd = w.dim() - 2
