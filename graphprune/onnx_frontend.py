@@ -1395,11 +1395,7 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each large initializer replaced by a one-element tensor of its type:
     what the structural checker needs (names, order, opsets, attributes), without copying
     or serializing the weights."""
-    light = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        if model.HasField(fld):
-            setattr(light, fld, getattr(model, fld))
-    light.opset_import.extend(model.opset_import)
+    light = _model_shell(model)
     light.functions.extend(model.functions)
     g, src = light.graph, model.graph
     g.name = src.name
