@@ -14,7 +14,7 @@ Given, per pruning group, a boolean ``keep`` per channel class:
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -49,6 +49,27 @@ def channel_projection(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[i
     return proj
 
 
+def reindex_params(
+    graph: Graph,
+    group: PruningGroup,
+    index: Mapping[Port, np.ndarray],
+    done: set[tuple[str, int]] | None = None,
+    skip: Collection[str] = (),
+) -> None:
+    """For each port in ``index``, take ``index`` (kept channels, or a permutation) along
+    every parameter axis the rules attach to that port.  Each ``(key, axis)`` is taken
+    once, so a parameter reached through several ports is not indexed twice."""
+    done = set() if done is None else done
+    for port, idx in index.items():
+        for m in group.members[port]:
+            for role, axis in m.coupling.slices:
+                key = m.node.params[role]
+                if key in skip or (key, axis) in done:
+                    continue
+                done.add((key, axis))
+                graph.slice_param(key, axis, idx.tolist())
+
+
 def remove_channels(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int, np.ndarray]) -> int:
     """Delete the removed classes from ``graph`` (edited in place, then committed).
 
@@ -60,22 +81,18 @@ def remove_channels(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int,
     for group in analysis.groups:
         if group.id not in keep:
             continue
-        for port, idx in kept_indices(group, keep[group.id]).items():
+        kept = kept_indices(group, keep[group.id])
+        reindex_params(graph, group, kept, done)
+        for port, idx in kept.items():
             removed += group.sizes[port] - len(idx)
             for m in group.members[port]:
                 touched.setdefault(m.node.name, (m.node, {}))[1][port] = idx
-                for role, axis in m.coupling.slices:
-                    key = m.node.params[role]
-                    if (key, axis) in done:
-                        continue
-                    done.add((key, axis))
-                    graph.slice_param(key, axis, idx.tolist())
     resized = {}
-    for node, kept in touched.values():
+    for node, kept_by_port in touched.values():
         fn = RESIZES.get(node.kind)
         if fn is not None:
-            fn(graph, node, kept)
-        resized.update({port: len(idx) for port, idx in kept.items()})
+            fn(graph, node, kept_by_port)
+        resized.update({port: len(idx) for port, idx in kept_by_port.items()})
     graph.commit(resized)
     return removed
 

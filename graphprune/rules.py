@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -50,17 +50,25 @@ class Coupling:
 
 Rule = Callable[[Graph, Node, Port], Coupling]
 RULES: dict[str, Rule] = {}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rule(*kinds: str) -> Callable[[Rule], Rule]:
-    """Register a channel rule for op kinds."""
+def _registrar(table: dict[str, Any]) -> Callable[..., Callable[[F], F]]:
+    """A decorator factory that files a function under op kinds in ``table``."""
 
-    def register(fn: Rule) -> Rule:
-        for kind in kinds:
-            RULES[kind] = fn
-        return fn
+    def by_kinds(*kinds: str) -> Callable[[F], F]:
+        def register(fn: F) -> F:
+            for kind in kinds:
+                table[kind] = fn
+            return fn
 
-    return register
+        return register
+
+    return by_kinds
+
+
+rule = _registrar(RULES)
+"""``@rule("conv", ...)``: register a channel rule for op kinds."""
 
 
 def frozen(reason: str) -> Coupling:
@@ -521,17 +529,8 @@ def seed_ports(graph: Graph, node: Node) -> list[Port]:
 # ------------------------------------------------------ attribute updates
 Resize = Callable[[Graph, Node, "dict[Port, np.ndarray]"], None]
 RESIZES: dict[str, Resize] = {}
-
-
-def resize(*kinds: str) -> Callable[[Resize], Resize]:
-    """Register the attribute update an op needs after its ports lost channels."""
-
-    def register(fn: Resize) -> Resize:
-        for kind in kinds:
-            RESIZES[kind] = fn
-        return fn
-
-    return register
+resize = _registrar(RESIZES)
+"""``@resize("split", ...)``: register the attribute update an op needs after its ports lost channels."""
 
 
 @resize("conv")

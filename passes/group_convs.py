@@ -68,6 +68,7 @@ import torch
 
 from graphprune import blockperm
 from graphprune.blockperm import BlockSolution
+from graphprune.channels import reindex_params
 from graphprune.cost import node_macs
 from graphprune.coupling import PruningGroup, analyse
 from graphprune.graph import Graph, Node, Port
@@ -666,15 +667,7 @@ def apply_rewrite(graph: Graph, work: Graph, plan: RewritePlan) -> None:
 
 def _fold(work: Graph, group: PruningGroup, orders: Mapping[Port, np.ndarray], skip: set[str]) -> None:
     """Reorder every parameter slice of ``group`` by its port's new order."""
-    done: set[tuple[str, int]] = set()
-    for port, order in orders.items():
-        for m in group.members[port]:
-            for role, axis in m.coupling.slices:
-                key = m.node.params[role]
-                if key in skip or (key, axis) in done:
-                    continue
-                done.add((key, axis))
-                work.slice_param(key, axis, order.tolist())
+    reindex_params(work, group, orders, skip=skip)
 
 
 def _insert_gathers(work: Graph, plan: RewritePlan) -> None:

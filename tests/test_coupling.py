@@ -120,6 +120,24 @@ class ChannelShuffle(nn.Module):
         return self.b(y)
 
 
+class Regroup(nn.Module):
+    """A reshape that regroups the channel axis with another axis: no rule maps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.a(x).reshape(3, 4)
+
+
+def test_regrouping_reshape_freezes() -> None:
+    g = trace(Regroup(), 2, 6)
+    group = group_at(g, "a")
+    assert group.frozen.all()
+    assert any("reshape" in r for r in group.reasons.values())
+
+
 def test_channel_shuffle_freezes_not_guesses() -> None:
     g = trace(ChannelShuffle(), 1, 3, 4, 4)
     group = group_at(g, "a")
@@ -129,7 +147,8 @@ def test_channel_shuffle_freezes_not_guesses() -> None:
 def test_reshape_segments() -> None:
     assert _reshape_segments((2, 8, 4, 4), (2, 128)) == [((0, 0), (0, 0)), ((1, 3), (1, 1))]
     assert _reshape_segments((2, 128), (2, 8, 16)) == [((0, 0), (0, 0)), ((1, 1), (1, 2))]
-    assert _reshape_segments((2, 6), (3, 4)) is None or True  # irregular: handled as frozen by the rule
+    assert _reshape_segments((2, 6), (3, 4)) == [((0, 1), (0, 1))]  # one regrouped run
+    assert _reshape_segments((2, 6), (5, 4)) is None  # sizes that do not match
 
 
 class Gathered(nn.Module):

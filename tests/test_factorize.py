@@ -13,11 +13,7 @@ from graphprune.passes.factorize import TruncatedSVD, from_matrix, to_matrix
 from graphprune.samples.models import randomize_, sample_input, sample_net
 from helpers import check_pass
 
-try:
-    from graphprune.onnx_frontend import load_onnx
-except ImportError:  # the ONNX frontend is optional while it is being written
-    load_onnx = None
-needs_onnx = pytest.mark.skipif(load_onnx is None, reason="graphprune.onnx_frontend.load_onnx is not available")
+from graphprune.onnx_frontend import load_onnx
 
 
 # ------------------------------------------------------------------ models
@@ -277,7 +273,6 @@ def test_projected_model_keeps_low_rank_while_training() -> None:
 
 
 # ------------------------------------------------------------------- ONNX
-@needs_onnx
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 @pytest.mark.parametrize("k, stride, dilation", [(3, 2, 1), (5, 1, 2)])
 def test_onnx_exact(tmp_path, scheme: str, k: int, stride: int, dilation: int) -> None:
@@ -290,7 +285,6 @@ def test_onnx_exact(tmp_path, scheme: str, k: int, stride: int, dilation: int) -
     assert any(rec["kind"] == "linear" for rec in r.records)
 
 
-@needs_onnx
 def test_onnx_lossless_matmul(tmp_path) -> None:
     torch.manual_seed(0)
     model = MLP().eval()
@@ -305,7 +299,6 @@ def test_onnx_lossless_matmul(tmp_path) -> None:
     assert gp.compare(r.graph, graph) <= 1e-5
 
 
-@needs_onnx
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_onnx_asymmetric_pads(scheme: str) -> None:
     import onnx

@@ -439,10 +439,8 @@ def test_fine_tune_with_block_mask_then_lossless_grouping() -> None:
 
 # ------------------------------------------------------------------- ONNX
 def onnx_graph(model: nn.Module, tmp_path, size: int = 8) -> tuple[gp.Graph, torch.Tensor]:
-    onnx_frontend = pytest.importorskip("graphprune.onnx_frontend")
-    load_onnx = getattr(onnx_frontend, "load_onnx", None)
-    if load_onnx is None:
-        pytest.skip("graphprune.onnx_frontend has no load_onnx yet")
+    from graphprune.onnx_frontend import load_onnx
+
     x = torch.randn(2, 3, size, size)
     path = str(tmp_path / "model.onnx")
     with warnings.catch_warnings():

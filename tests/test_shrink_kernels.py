@@ -14,11 +14,7 @@ from graphprune.passes import ShrinkKernels
 from graphprune.samples.models import randomize_, sample_input, sample_net
 from helpers import check_pass
 
-try:
-    from graphprune.onnx_frontend import load_onnx
-except ImportError:  # the ONNX frontend is optional while it is being written
-    load_onnx = None
-needs_onnx = pytest.mark.skipif(load_onnx is None, reason="graphprune.onnx_frontend.load_onnx is not available")
+from graphprune.onnx_frontend import load_onnx
 
 
 # ------------------------------------------------------------------ models
@@ -346,7 +342,6 @@ def test_projected_model_matches_reference() -> None:
 
 
 # ------------------------------------------------------------------- ONNX
-@needs_onnx
 @pytest.mark.parametrize("k, stride, dilation", [(3, 2, 1), (5, 1, 2), (7, 2, 1)])
 def test_onnx_exact(tmp_path, k: int, stride: int, dilation: int) -> None:
     model, g = stack_graph(k, stride, dilation)
@@ -390,7 +385,6 @@ def asymmetric_conv_model(pads: list[int], k: int = 3, stride: int = 2, zero_rin
     return model
 
 
-@needs_onnx
 @pytest.mark.parametrize("pads, k, zero_rings, new_kernel", [
     ([0, 0, 1, 1], 3, 1, (1, 1)),        # TF "SAME_UPPER", stride 2: needs a crop at the start
     ([2, 1, 2, 3], 5, 1, (3, 3)),        # asymmetric, stays non-negative
@@ -405,7 +399,6 @@ def test_onnx_asymmetric_pads(pads: list[int], k: int, zero_rings: int, new_kern
     assert gp.graph_cost(r.graph).macs < gp.graph_cost(graph).macs
 
 
-@needs_onnx
 def test_onnx_fold(tmp_path) -> None:
     g = dwpw_graph()
     path = tmp_path / "dw.onnx"
