@@ -35,7 +35,7 @@ import torchvision
 
 import graphprune as gp
 from graphprune.cli import format_table
-from graphprune.onnx_frontend import load_onnx
+from graphprune.frontends.onnx import load_onnx
 from graphprune.samples.models import randomize_
 
 DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,densenet121,efficientnet_b0"

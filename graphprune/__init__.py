@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from .cost import Cost, graph_cost
 from .coupling import CouplingAnalysis, PruningGroup, analyse
-from .fx_frontend import CaptureError, trace
+from .frontends.fx import CaptureError, trace
 from .graph import Graph, GraphError, Node, Port
-from .onnx_frontend import load_onnx
+from .frontends.onnx import load_onnx
 from .passes_base import (
     BudgetError,
     Pass,

@@ -7,7 +7,7 @@ tensor values.  Each node has a canonical op ``kind`` (``conv``, ``linear``,
 edit, so a pass reads a consistent snapshot, edits through the ``Graph`` methods, and
 calls :meth:`Graph.commit` once it is done.
 
-Frontends (``graphprune.fx_frontend``, ``graphprune.onnx_frontend``) implement
+Frontends (``graphprune.frontends.fx``, ``.export``, ``.onnx``) implement
 :class:`Frontend`; nothing above this module knows which one it is talking to.
 
 Canonical kinds, their inputs, attrs and param roles (both frontends produce these):

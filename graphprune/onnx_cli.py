@@ -100,7 +100,7 @@ def optimize(args: argparse.Namespace) -> int:
     """Run a pass pipeline on an ONNX file and write the slimmed model."""
     from tqdm import tqdm
 
-    from .onnx_frontend import load_onnx, save_model
+    from .frontends.onnx import load_onnx, save_model
 
     src, dst = args.input, args.output
     if not os.path.exists(src):
@@ -298,7 +298,7 @@ def inspect_model(args: argparse.Namespace) -> int:
     """Print an ONNX model's pruning groups, frozen channels and per-layer cost."""
     from .cost import graph_cost
     from .coupling import analyse
-    from .onnx_frontend import load_onnx
+    from .frontends.onnx import load_onnx
 
     if not os.path.exists(args.input):
         raise FileNotFoundError(f"no such file: `{args.input}`")

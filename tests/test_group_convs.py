@@ -439,7 +439,7 @@ def test_fine_tune_with_block_mask_then_lossless_grouping() -> None:
 
 # ------------------------------------------------------------------- ONNX
 def onnx_graph(model: nn.Module, tmp_path, size: int = 8) -> tuple[gp.Graph, torch.Tensor]:
-    from graphprune.onnx_frontend import load_onnx
+    from graphprune.frontends.onnx import load_onnx
 
     x = torch.randn(2, 3, size, size)
     path = str(tmp_path / "model.onnx")

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
 from graphprune.graph import NewNode
-from graphprune.onnx_frontend import OnnxLoadError, load_onnx
+from graphprune.frontends.onnx import OnnxLoadError, load_onnx
 from graphprune.samples.models import randomize_, sample_input, sample_net
 from helpers import check_pass
 

@@ -14,7 +14,7 @@ from graphprune.passes import ShrinkKernels
 from graphprune.samples.models import randomize_, sample_input, sample_net
 from helpers import check_pass
 
-from graphprune.onnx_frontend import load_onnx
+from graphprune.frontends.onnx import load_onnx
 
 
 # ------------------------------------------------------------------ models

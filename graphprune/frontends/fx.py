@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
+from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
 
 
 class CaptureError(GraphError):
@@ -498,7 +498,7 @@ class FxFrontend:
         return gm
 
     def to_onnx(self, path: str, opset: int = 17, **_: Any) -> None:
-        from .emit import export_module_onnx
+        from ..emit import export_module_onnx
 
         export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
 

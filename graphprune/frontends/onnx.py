@@ -53,7 +53,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from .graph import Graph, GraphError, NewNode, Node, ValueInfo
+from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 
 logger = logging.getLogger(__name__)
 
@@ -1445,7 +1445,7 @@ def save_model(
     or when it is None and the tensors exceed 1.5 GiB.  ``check(tmp_path)`` runs on the
     written file before it is renamed into place; if it raises, nothing is left behind.
     """
-    from .emit import atomic_path
+    from ..emit import atomic_path
 
     path = os.fspath(path)
     real = os.path.realpath(path)

@@ -36,10 +36,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import GraphError, NewNode, Node
+from ..graph import GraphError, NewNode, Node
 
 if TYPE_CHECKING:
-    from .fx_frontend import FxFrontend
+    from .fx import FxFrontend
 
 __all__ = ["replace_with_new_nodes", "build_module", "split_pads"]
 
