@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .cost import Cost, graph_cost
 from .coupling import CouplingAnalysis, PruningGroup, analyse
-from .frontends.fx import CaptureError, trace
+from .frontends.capture import CaptureError, trace
 from .graph import Graph, GraphError, Node, Port
 from .frontends.onnx import load_onnx
 from .passes_base import (
@@ -20,12 +20,14 @@ from .passes_base import (
     run,
 )
 from .projection import Projection, bake
+from .apply import ApplyError, apply
+from .saving import load, save
 from .verify import assert_exact, compare
 
 __all__ = [
-    "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
+    "ApplyError", "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
     "Pass", "PassManager", "PassOptionError", "PassResult", "PipelineResult", "Port",
-    "Projection", "PruningGroup", "VerificationError", "analyse", "assert_exact", "bake", "compare",
-    "get_pass", "graph_cost", "load_onnx", "parse_pipeline", "register_pass", "run", "trace",
+    "Projection", "PruningGroup", "VerificationError", "analyse", "apply", "assert_exact", "bake", "compare",
+    "get_pass", "graph_cost", "load", "load_onnx", "parse_pipeline", "register_pass", "run", "save", "trace",
 ]
 __version__ = "0.1.0"

@@ -296,7 +296,9 @@ def concat_rule(graph: Graph, node: Node, port: Port) -> Coupling:
 
 @rule("split")
 def split_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Split along axis d: output k's channel i is input channel offset_k + i."""
+    """Split along axis d: output k's channel i is input channel offset_k + i.  A chunk
+    (``attrs["equal"]``: the code splits into equal parts of whatever width it gets) also
+    ties channel i of every part to channel i of the first, so the parts stay equal."""
     x = node.inputs[0]
     axis = norm_axis(int(node.attrs["axis"]), _rank(graph, x))
     outs = [v for v in node.outputs if v]
@@ -309,6 +311,9 @@ def split_rule(graph: Graph, node: Node, port: Port) -> Coupling:
         n = graph.shape(v)[axis]  # type: ignore[index]
         links.append(Link(Port(v, axis), Port(x, axis), offset + np.arange(n)))
         offset += n
+    sizes = {graph.shape(v)[axis] for v in outs}  # type: ignore[index]
+    if node.attrs.get("equal") and len(sizes) == 1:
+        links += [Link(Port(v, axis), Port(outs[0], axis)) for v in outs[1:]]
     return Coupling(links=links)
 
 

@@ -110,7 +110,7 @@ def conv_groups(g: gp.Graph) -> dict[str, int]:
 
 
 def n_gathers(g: gp.Graph) -> int:
-    return sum(1 for n in g.nodes if n.target in ("index_select", "Gather"))
+    return sum(1 for n in g.nodes if n.kind == "gather")
 
 
 def conv_resource(g: gp.Graph, unit: str) -> int:

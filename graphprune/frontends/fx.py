@@ -117,14 +117,14 @@ class _GraphpruneTracer(fx.Tracer):
             self.current_path = previous
 
 
-def trace(
+def trace_fx(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> Graph:
-    """Capture ``model`` as a graphprune :class:`Graph` (fx trace + shape propagation).
+    """Capture ``model`` with torch.fx symbolic tracing (plus shape propagation).
 
     The model is deep-copied first, so passes never touch the caller's weights. Tracing
     and shape propagation run in eval mode. ``leaf_modules`` (types or qualified names)
@@ -272,7 +272,7 @@ class FxFrontend:
         elif t in (torch.reshape,):
             kind, attrs = "reshape", {}
         elif t in (torch.split, torch.chunk):
-            kind, attrs = "split", {"axis": _arg(n, 2 if t is torch.split else 2, "dim", 0)}
+            kind, attrs = "split", {"axis": _arg(n, 2, "dim", 0), "equal": t is torch.chunk}
         elif t is torch.permute:
             kind, attrs = "permute", {"perm": list(_arg(n, 1, "dims", None))}
         elif t is torch.transpose:
@@ -306,7 +306,7 @@ class FxFrontend:
         elif m == "flatten":
             kind, attrs = "flatten", {"start": _arg(n, 1, "start_dim", 0), "end": _arg(n, 2, "end_dim", -1)}
         elif m in ("split", "chunk"):
-            kind, attrs = "split", {"axis": _arg(n, 2, "dim", 0)}
+            kind, attrs = "split", {"axis": _arg(n, 2, "dim", 0), "equal": m == "chunk"}
         elif m == "permute":
             dims = n.args[1:] if len(n.args) > 2 or isinstance(n.args[1], int) else n.args[1]
             kind, attrs = "permute", {"perm": list(dims)}
