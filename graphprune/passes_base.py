@@ -16,22 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from .errors import BudgetError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
 from .graph import Graph, GraphError
 from .projection import Projection
+from .verify import assert_exact
 
 logger = logging.getLogger(__name__)
-
-
-class PassOptionError(ValueError):
-    """An unknown pass, an unknown option or an option value out of range."""
-
-
-class BudgetError(ValueError):
-    """A budget that the graph cannot meet (the message says what limits it)."""
-
-
-class VerificationError(AssertionError):
-    """A rewritten graph that does not match its projected reference."""
 
 
 @dataclass
@@ -255,8 +245,6 @@ class PassManager:
         self.rtol = rtol
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
-        from .verify import assert_exact
-
         results, timings = [], []
         current = graph
         for p in self.passes:
