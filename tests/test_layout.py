@@ -12,11 +12,16 @@ public API, so counting it would make every module part of a cycle.
 from __future__ import annotations
 
 import ast
-import tomllib
+import sys
 from pathlib import Path
 from typing import Collection
 
 import networkx as nx
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself depends on tomli before Python 3.11
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CLASS_LINES = 400
