@@ -11,33 +11,11 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
+from .cli_base import COMMANDS, EXIT_BAD_INPUT, EXIT_CHECK, EXIT_OK, Command, command, format_table  # noqa: F401  (re-exported)
+from .errors import BudgetError, PassOptionError, VerificationError
 from .graph import Graph, GraphError
-from .passes_base import BudgetError, PassOptionError, VerificationError
-
-EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT = 0, 1, 2
-
-Command = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
-
-
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]) -> Callable[[Command], Command]:
-    """Register a subcommand: ``configure`` adds its arguments, the function runs it."""
-
-    def register(fn: Command) -> Command:
-        COMMANDS[name] = (configure, fn)
-        return fn
-
-    return register
-
-
-def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def layer_table(before: Graph, after: Graph) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli import EXIT_OK, command, format_table
+from .cli_base import EXIT_OK, command, format_table
 from .graph import Graph, GraphError, Node
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
 

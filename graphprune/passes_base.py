@@ -1,11 +1,11 @@
-"""Pass infrastructure: the pass base class, results, the registry, the pipeline syntax
-and the pass manager.
+"""Pass infrastructure: the registry lookup that loads the built-in passes, the pipeline
+syntax and the pass manager.
 
 A pass is a frozen dataclass with a kebab-case ``name``; its fields are its options, and
 the pipeline syntax ``name{opt=value,...},name2`` is derived from those fields, so the
-command line and the Python API share one definition of every option.  Calling a pass
-checks its precondition, runs :meth:`Pass.call` (decide, then rewrite a copy) and checks
-the postcondition on the result.
+command line and the Python API share one definition of every option.  The base class,
+results and registry live in :mod:`graphprune.pass_api` (which pass modules import) and
+the errors in :mod:`graphprune.errors`; both are re-exported here.
 """
 from __future__ import annotations
 
@@ -13,106 +13,15 @@ import dataclasses
 import logging
 import time
 import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from .graph import Graph, GraphError
-from .projection import Projection
+from .errors import BudgetError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
+from .graph import Graph
+from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re-exported: they lived here first)
+from .verify import assert_exact
 
 logger = logging.getLogger(__name__)
-
-
-class PassOptionError(ValueError):
-    """An unknown pass, an unknown option or an option value out of range."""
-
-
-class BudgetError(ValueError):
-    """A budget that the graph cannot meet (the message says what limits it)."""
-
-
-class VerificationError(AssertionError):
-    """A rewritten graph that does not match its projected reference."""
-
-
-@dataclass
-class PassResult:
-    """What a pass did: the rewritten graph, whether anything changed, and its records.
-
-    ``projection`` is the decision as a change of weights of ``input_graph``;
-    :meth:`reference` applies it, :meth:`projected_model` keeps it applied on a model.
-    """
-
-    graph: Graph
-    modified: bool
-    input_graph: Graph
-    projection: Projection = field(default_factory=Projection)
-    records: list[dict[str, Any]] = field(default_factory=list)
-    pass_name: str = ""
-
-    def reference(self) -> Graph:
-        """The input graph with projected weights: what ``graph`` must compute."""
-        return self.projection.apply(self.input_graph)
-
-    def projected_model(self, model: Any) -> Any:
-        """A trainable copy of ``model`` (the traced original) with the projection held."""
-        return self.projection.projected_model(model)
-
-    def summary(self) -> str:
-        return f"{self.pass_name}: {'modified' if self.modified else 'unchanged'}, {len(self.records)} records"
-
-
-@dataclass(frozen=True)
-class Pass:
-    """Base class: subclasses set ``name`` and implement :meth:`call`."""
-
-    name: ClassVar[str] = ""
-
-    def __call__(self, graph: Graph) -> PassResult:
-        self.validate()
-        self.requires(graph)
-        result = self.call(graph)
-        result.pass_name = self.name
-        self.ensures(result)
-        return result
-
-    def validate(self) -> None:
-        """Check option values; raise :class:`PassOptionError` naming the option."""
-
-    def requires(self, graph: Graph) -> None:
-        """Precondition on the input graph."""
-        if not graph.nodes:
-            raise GraphError(f"{self.name}: the graph is empty")
-
-    def call(self, graph: Graph) -> PassResult:
-        raise NotImplementedError
-
-    def ensures(self, result: PassResult) -> None:
-        """Postcondition on the result: the rewritten graph still has all its outputs."""
-        if len(result.graph.outputs) != len(result.input_graph.outputs):
-            raise GraphError(f"{self.name}: the rewritten graph lost outputs")
-
-    def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def spec(self) -> str:
-        """This pass in pipeline syntax, with its non-default options."""
-        opts = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                opts.append(f"{f.name}={_format_value(value)}")
-        return self.name + ("{" + ",".join(opts) + "}" if opts else "")
-
-
-PASSES: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass findable by its kebab-case name."""
-    if not cls.name or cls.name != cls.name.lower() or "_" in cls.name:
-        raise ValueError(f"pass name `{cls.name}` must be kebab-case")
-    PASSES[cls.name] = cls
-    return cls
 
 
 def _load_builtin_passes() -> None:
@@ -147,14 +56,6 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
         raise PassOptionError(f"unbalanced braces in pipeline `{text}`")
     parts.append("".join(cur).strip())
     return [p for p in parts if p]
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ";".join(str(v) for v in value)
-    return str(value)
 
 
 def _convert(pass_name: str, option: str, raw: str, hint: Any) -> Any:
@@ -255,8 +156,6 @@ class PassManager:
         self.rtol = rtol
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
-        from .verify import assert_exact
-
         results, timings = [], []
         current = graph
         for p in self.passes:

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .graph import Graph
-from .passes_base import VerificationError
+from .errors import VerificationError
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

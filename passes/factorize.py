@@ -62,7 +62,7 @@ import torch
 from graphprune.cost import graph_cost
 from graphprune.layers import candidate_layers
 from graphprune.graph import Graph, NewNode, Node
-from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
+from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
 
 __all__ = ["Factorize", "FactorizeResult", "TruncatedSVD"]

@@ -72,7 +72,7 @@ from graphprune.channels import reindex_params
 from graphprune.cost import node_macs
 from graphprune.coupling import PruningGroup, analyse
 from graphprune.graph import Graph, Node, Port
-from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
+from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
 
 __all__ = ["GroupConvs", "accumulate_gradients", "search_groups"]

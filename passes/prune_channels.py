@@ -39,7 +39,7 @@ from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
 from graphprune.importance import CRITERIA, get_importance
-from graphprune.passes_base import BudgetError, Pass, PassOptionError, PassResult, register_pass
+from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 
 __all__ = ["PruneChannels"]
 

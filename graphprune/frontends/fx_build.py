@@ -29,7 +29,7 @@ not with an extra ``F.pad``, so that combination is refused.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence, TYPE_CHECKING
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,9 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph import GraphError, NewNode, Node
-
-if TYPE_CHECKING:
-    from .fx import FxFrontend
 
 __all__ = ["replace_with_new_nodes", "build_module", "split_pads"]
 
@@ -111,7 +108,7 @@ def _build_conv(new: NewNode, weight: torch.Tensor, bias: torch.Tensor | None, p
     return mod, extra
 
 
-def replace_with_new_nodes(frontend: "FxFrontend", node: Node, new: Sequence[NewNode]) -> None:
+def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) -> None:
     """Replace view node ``node`` in ``frontend.gm`` by the chain ``new`` (see module doc).
 
     The graph is edited in place; the caller commits (recompile and shape propagation).

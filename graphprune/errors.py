@@ -1,0 +1,26 @@
+"""The errors of the pass layer, in one module that imports nothing from graphprune.
+
+* :class:`PassOptionError` — an unknown pass, an unknown option or a value out of range;
+* :class:`BudgetError` — a budget the graph cannot meet;
+* :class:`VerificationError` — a rewritten graph that differs from its projected reference.
+
+They are re-exported from :mod:`graphprune` (``gp.VerificationError``) and from
+:mod:`graphprune.passes_base`, where they lived first.  Errors about a graph itself are
+:class:`graphprune.graph.GraphError` and its subclasses (``CaptureError`` in the fx
+frontend, ``OnnxLoadError`` in the ONNX one).
+"""
+from __future__ import annotations
+
+__all__ = ["BudgetError", "PassOptionError", "VerificationError"]
+
+
+class PassOptionError(ValueError):
+    """An unknown pass, an unknown option or an option value out of range."""
+
+
+class BudgetError(ValueError):
+    """A budget that the graph cannot meet (the message says what limits it)."""
+
+
+class VerificationError(AssertionError):
+    """A rewritten graph that does not match its projected reference."""

@@ -1,0 +1,184 @@
+"""The ONNX frontend object that a :class:`~graphprune.graph.Graph` talks to, and ``load_onnx``.
+
+:class:`OnnxFrontend` holds the model as an onnx-graphsurgeon graph plus what saving
+needs to restore (the model header, the original input/output types, node doc strings,
+which constants loading unshared).  It composes the modules of this package: loading and
+normalising (:mod:`.load`), shapes (:mod:`.shapes`), the view (:mod:`.classify`), edits
+(:mod:`.edit`, mixed in), saving (:mod:`.save`) and running (:mod:`.run`).
+
+:meth:`OnnxFrontend.commit` cleans up, sorts and re-infers shapes.  :meth:`OnnxFrontend.run`
+uses an onnxruntime CPU session with graph optimisations disabled, cached until the next
+edit.  A copy shares weight arrays with its original: edits replace arrays, never write
+into them.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ...graph import Graph, GraphError, Node, ValueInfo
+from .classify import OpContext, build_view
+from .edit import OnnxEdits
+from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
+from .run import example_inputs, make_session, run_session
+from .save import export_model, model_for_save, save_model
+from .shapes import infer_shapes
+from .tensors import constant_node_value, fresh_name, is_default
+
+__all__ = ["OnnxFrontend", "load_onnx"]
+
+
+def load_onnx(
+    path_or_model: str | os.PathLike | onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    external_data_dir: str | os.PathLike | None = None,
+) -> Graph:
+    """Load an ONNX model as a graphprune :class:`Graph`.
+
+    ``input_shapes`` fixes dynamic input dimensions (``{"input": (1, 3, 224, 224)}``);
+    ``external_data_dir`` is where external tensor data lives when it is not beside the
+    file (or when a ``ModelProto`` with external references is given).
+    """
+    model, source = read_model(path_or_model, external_data_dir)
+    return Graph(OnnxFrontend(model, input_shapes or {}, source=source))
+
+
+class OnnxFrontend(OnnxEdits):
+    """Reads and edits an ONNX model held as an onnx-graphsurgeon graph."""
+
+    name = "onnx"
+
+    def __init__(self, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], source: str = "<model>") -> None:
+        self.source = source
+        self._shell = model_shell(model)
+        self._io_protos = {v.name: _copy.deepcopy(v) for v in list(model.graph.input) + list(model.graph.output)}
+        self._node_docs = {
+            n.name: (n.doc_string, list(n.metadata_props))
+            for n in model.graph.node if n.name and (n.doc_string or len(n.metadata_props))
+        }
+        try:
+            self.graph: gs.Graph = gs.import_onnx(model)
+        except Exception as exc:
+            raise OnnxLoadError(f"cannot import `{source}`: {exc}") from exc
+        fix_input_shapes(self.graph, input_shapes, source)
+        self._copies: dict[str, str] = {}  # constant copy name -> the name it was copied from
+        name_nodes(self.graph)
+        normalise(self.graph, self._copies)
+        self._shapes: dict[str, tuple[int, ...] | None] = {}
+        self._dtypes: dict[str, str] = {}
+        self._reset_caches()
+        self._infer()
+        self._inputs = example_inputs(self.graph)
+
+    # ---------------------------------------------------------------- caches
+    def _reset_caches(self) -> None:
+        self._session_cache: Any = None
+        self._refs: dict[str, gs.Constant | gs.Node] | None = None
+        self._index: dict[str, gs.Node] = {}
+        self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
+        self._folded: dict[str, np.ndarray | None] = {}
+
+    def _edited(self) -> None:
+        self._session_cache = None
+        self._folded = {}
+
+    def _ops(self) -> OpContext:
+        """Shapes, folded constants and opset of the current graph, for classifiers and edits."""
+        return OpContext(self.graph, self._shapes, self._dtypes, self._shell.opset_import, self._folded)
+
+    def _fresh_tensor_name(self, base: str) -> str:
+        return fresh_name(base, self.graph.tensors())
+
+    def _fresh_node_name(self, base: str) -> str:
+        return fresh_name(base, (n.name for n in self.graph.nodes))
+
+    def _infer(self) -> None:
+        """Shapes of every value: ONNX shape inference, then onnxruntime for the rest."""
+        self._shapes, self._dtypes = infer_shapes(self.graph, self._shell)
+
+    # ------------------------------------------------------------ parameters
+    def _refs_map(self) -> dict[str, gs.Constant | gs.Node]:
+        if self._refs is None:
+            refs: dict[str, gs.Constant | gs.Node] = {}
+            for node in self.graph.nodes:
+                if node.op == "Constant" and is_default(node) and len(node.outputs) == 1:
+                    refs[node.outputs[0].name] = node
+                for t in node.inputs:
+                    if isinstance(t, gs.Constant):
+                        refs[t.name] = t
+            self._refs = refs
+        return self._refs
+
+    def get_param(self, key: str) -> torch.Tensor:
+        ref = self._refs_map().get(key)
+        if ref is None:
+            raise GraphError(f"no constant named `{key}` in the ONNX graph")
+        value = np.asarray(ref.values) if isinstance(ref, gs.Constant) else constant_node_value(ref)
+        if not value.flags.writeable or value.dtype.byteorder not in "=|":
+            value = np.array(value, copy=True)
+        return torch.from_numpy(value)  # shared: weights are replaced, never written in place
+
+    # ------------------------------------------------------------------ view
+    def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]:
+        self._refs = None
+        self._index = {n.name: n for n in self.graph.nodes}
+        view, self._fused = build_view(self._ops())
+        return view
+
+    def commit(self) -> None:
+        self._sync_kernel_shapes()
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._reset_caches()
+        self._infer()
+
+    # --------------------------------------------------------------- copying
+    def copy(self) -> "OnnxFrontend":
+        other = OnnxFrontend.__new__(OnnxFrontend)
+        other.__dict__.update(self.__dict__)
+        other.graph = self.graph.copy()
+        other._shapes = dict(self._shapes)
+        other._dtypes = dict(self._dtypes)
+        other._copies = dict(self._copies)
+        other._reset_caches()
+        return other
+
+    def __deepcopy__(self, memo: dict) -> "OnnxFrontend":
+        return self.copy()
+
+    # --------------------------------------------------------------- running
+    def session(self) -> Any:
+        """The cached onnxruntime session (graph optimisations off) of the current graph."""
+        if self._session_cache is None:
+            try:
+                self._session_cache = make_session(export_model(self.graph, self._shell))
+            except Exception as exc:
+                raise OnnxLoadError(f"onnxruntime cannot run `{self.source}`: {str(exc).splitlines()[0]}") from exc
+        return self._session_cache
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return run_session(self.session(), self.graph, inputs)
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        return list(self._inputs)
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The fixed shapes used for analysis, per graph input."""
+        return {t.name: tuple(int(d) for d in t.shape) for t in self.graph.inputs if isinstance(t, gs.Variable)}
+
+    # ---------------------------------------------------------------- saving
+    def to_model(self) -> onnx.ModelProto:
+        """The model to save: symbolic input/output dims restored, no stale value_info."""
+        return model_for_save(self.graph, self._shell, self._copies, self._dtypes, self._io_protos, self._node_docs)
+
+    def to_onnx(self, path: str | os.PathLike, external_data: bool | None = None, **_: Any) -> None:
+        """Write the model atomically; tensors go to ``<file>.data`` when ``external_data``
+        is true, or when it is None and the model is larger than 1.5 GiB."""
+        save_model(self.to_model(), path, external_data=external_data, protect=[self.source])
+
+    save_onnx = to_onnx

@@ -1,0 +1,63 @@
+"""Running an ONNX graph with onnxruntime on CPU.
+
+Sessions have graph optimisations disabled, so the numbers are the graph's own (no
+fusions that round differently).  Models too large for one protobuf (2 GiB) go through a
+temporary file with external data.  Example inputs are seeded: standard normal for
+floating-point inputs, zeros for integer ones.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ...graph import GraphError
+from .tensors import np_dtype, proto_nbytes
+
+__all__ = ["example_inputs", "make_session", "run_session"]
+
+
+def make_session(model: onnx.ModelProto) -> Any:
+    """An onnxruntime CPU session with graph optimisations disabled."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    if proto_nbytes(model) < 2**31 - 2**26:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="graphprune-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess: Any, graph: gs.Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Feed ``inputs`` to ``graph``'s inputs in order; its outputs as tensors."""
+    names = [t.name for t in graph.inputs if isinstance(t, gs.Variable)]
+    if len(inputs) != len(names):
+        raise GraphError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    outs = sess.run([t.name for t in graph.outputs], feeds)
+    return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+
+def example_inputs(graph: gs.Graph) -> list[torch.Tensor]:
+    """One seeded random tensor per graph input, at its fixed shape and type."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for t in graph.inputs:
+        if not isinstance(t, gs.Variable):
+            continue
+        dtype = torch.from_numpy(np.zeros(0, dtype=np_dtype(t.dtype))).dtype
+        shape = [int(d) for d in t.shape]
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=dtype))
+    return out
