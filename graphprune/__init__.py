@@ -30,4 +30,4 @@ __all__ = [
     "Projection", "PruningGroup", "VerificationError", "analyse", "apply", "assert_exact", "bake", "compare",
     "get_pass", "graph_cost", "load", "load_onnx", "parse_pipeline", "register_pass", "run", "save", "trace",
 ]
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402

@@ -169,7 +169,7 @@ def _imports(globals_: dict[str, Any]) -> list[str]:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 
