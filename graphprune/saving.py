@@ -10,8 +10,8 @@
 
 :func:`load` imports ``model.py``, builds the module and loads the weights with
 ``safetensors`` (no ``pickle``, the same guarantee as ``torch.load(weights_only=True)``).
-The forward takes the captured inputs positionally and returns a tuple of the graph's
-outputs, flattened.  A graph from the fx frontend (or a plain module) is captured with
+The forward takes the captured inputs positionally and returns the outputs in the
+model's own structure where tuples, lists and dicts express it (else a flat tuple).  A graph from the fx frontend (or a plain module) is captured with
 ``torch.export`` first, so the file always holds aten-level code.
 """
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _version() -> str:
 _TEMPLATE = '''"""A pruned model written by graphprune {version}: weights in weights.safetensors.
 
 Load it with ``graphprune.load(folder)``; the forward takes the captured inputs
-positionally and returns a tuple of outputs.
+positionally and returns the outputs as the captured model did.
 """
 import torch
 from torch import nn
