@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import BudgetError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
+from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
 from .graph import Graph
 from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re-exported: they lived here first)
 from .probes import CheckInputs, check_samples

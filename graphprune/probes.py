@@ -42,15 +42,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 
-from .graph import GraphError
-
-if TYPE_CHECKING:
-    from .graph import Graph
+from .errors import CheckInputError
 
 __all__ = [
     "CheckInputError", "CheckInputs", "InputSpec", "check_samples", "input_role", "input_specs",
@@ -64,8 +61,17 @@ STATE_TOKENS = ("h0", "c0", "hx", "cx")
 INTEGER_RANGE = 4  # integer probes take values 0..INTEGER_RANGE-1
 
 
-class CheckInputError(GraphError):
-    """Check inputs that do not fit the model (the message names the input)."""
+class GraphLike(Protocol):
+    """What the probes read of a :class:`graphprune.graph.Graph` (which calls into this
+    module from :meth:`~graphprune.graph.Graph.random_inputs`, so it is not imported)."""
+
+    inputs: list[str]
+    outputs: list[str]
+    frontend: Any
+
+    def shape(self, value: str) -> tuple[int, ...] | None: ...
+
+    def example_inputs(self) -> list[torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -97,12 +103,12 @@ def named_like_mask(name: str) -> bool:
     return any(w.startswith("mask") or w.endswith("mask") for w in name_words(name))
 
 
-def fed_back(graph: "Graph", shape: tuple[int, ...]) -> bool:
+def fed_back(graph: GraphLike, shape: tuple[int, ...]) -> bool:
     """Some graph output has exactly this shape (a recurrent state returned for the next call)."""
     return any(graph.shape(out) == tuple(shape) for out in graph.outputs)
 
 
-def input_role(name: str, example: torch.Tensor, graph: "Graph") -> str:
+def input_role(name: str, example: torch.Tensor, graph: GraphLike) -> str:
     """``integer``, ``mask``, ``state`` or ``data`` for one input (before the rule that
     keeps a model with only state-like floating inputs random)."""
     if not example.is_floating_point():
@@ -116,7 +122,7 @@ def input_role(name: str, example: torch.Tensor, graph: "Graph") -> str:
     return "data"
 
 
-def input_specs(graph: "Graph") -> list[InputSpec]:
+def input_specs(graph: GraphLike) -> list[InputSpec]:
     """Name, shape, dtype, role and hint of every model input, in input order."""
     examples = graph.example_inputs()
     names = list(graph.inputs) if len(graph.inputs) == len(examples) else [f"input{i}" for i in range(len(examples))]
@@ -136,7 +142,7 @@ def input_specs(graph: "Graph") -> list[InputSpec]:
     ]
 
 
-def suggested_values(graph: "Graph", names: Sequence[str], examples: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def suggested_values(graph: GraphLike, names: Sequence[str], examples: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Values the model suggests for its integer inputs: the frontend's ``input_hints()``
     when it has one (ONNX: compared-with constants), else the example inputs themselves
     (fx and export capture the user's own example)."""
@@ -161,7 +167,7 @@ def probe_tensor(spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(spec.shape, generator=gen).to(spec.dtype)
 
 
-def probe_inputs(graph: "Graph", seed: int = 0) -> list[torch.Tensor]:
+def probe_inputs(graph: GraphLike, seed: int = 0) -> list[torch.Tensor]:
     """The default check inputs for ``graph``, seeded (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     return [probe_tensor(spec, gen) for spec in input_specs(graph)]
@@ -301,7 +307,7 @@ def _is_single_sample(data: Sequence[Any]) -> bool:
 
 
 def check_samples(
-    graph: "Graph",
+    graph: GraphLike,
     data: CheckInputs | None = None,
     *,
     values: Mapping[str, Any] | None = None,

@@ -251,7 +251,7 @@ def test_python_check_inputs_forms() -> None:
     one = probes.check_samples(graph, [torch.ones(1, 3, 16, 16), torch.zeros(1, 8, 16, 16), torch.tensor(16000)])
     listed = probes.check_samples(graph, [{"x": x[0], "state": 0, "sr": 16000}, {"x": x[1], "state": 0, "sr": 8000}])
     assert len(one) == 1 and len(listed) == 2 and int(listed[1][2]) == 8000
-    with pytest.raises(gp.GraphError, match="`state`"):
+    with pytest.raises(gp.CheckInputError, match="`state`"):
         probes.check_samples(graph, [torch.ones(1, 3, 16, 16), torch.zeros(1, 8, 16), torch.tensor(16000)])
 
 
