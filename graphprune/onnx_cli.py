@@ -317,8 +317,9 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
         "pipeline": specs, "lossless": bool(args.lossless),
         "input_shapes": {k: list(v) for k, v in graph.frontend.input_shapes().items()},
         "passes": [
-            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records}
-            for spec, r, t in zip(specs, result.results, result.timings)
+            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records,
+             "check": c.as_dict() if c is not None else None}
+            for spec, r, t, c in zip(specs, result.results, result.timings, result.checks)
         ],
         "layers": layer_rows(graph, result.graph),
         "totals": _totals(graph, result.graph),

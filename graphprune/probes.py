@@ -164,7 +164,7 @@ def probe_tensor(spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
             return spec.hint.to(spec.dtype).expand(spec.shape).clone()
         high = 2 if spec.dtype == torch.bool else INTEGER_RANGE
         return torch.randint(0, high, spec.shape, generator=gen).to(spec.dtype)
-    return torch.randn(spec.shape, generator=gen).to(spec.dtype)
+    return torch.randn(spec.shape, generator=gen, dtype=spec.dtype)
 
 
 def probe_inputs(graph: GraphLike, seed: int = 0) -> list[torch.Tensor]:
