@@ -8,6 +8,7 @@ from .graph import Graph, GraphError, Node, Port
 from .frontends.onnx import load_onnx
 from .passes_base import (
     BudgetError,
+    CheckInputError,
     Pass,
     PassManager,
     PassOptionError,
@@ -22,12 +23,12 @@ from .passes_base import (
 from .projection import Projection, bake
 from .apply import ApplyError, apply
 from .saving import load, save
-from .verify import assert_exact, compare
+from .verify import ExactnessCheck, assert_exact, check_exact, compare
 
 __all__ = [
-    "ApplyError", "BudgetError", "CaptureError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
+    "ApplyError", "BudgetError", "CaptureError", "CheckInputError", "Cost", "CouplingAnalysis", "Graph", "GraphError", "Node",
     "Pass", "PassManager", "PassOptionError", "PassResult", "PipelineResult", "Port",
-    "Projection", "PruningGroup", "VerificationError", "analyse", "apply", "assert_exact", "bake", "compare",
+    "ExactnessCheck", "Projection", "PruningGroup", "VerificationError", "analyse", "apply", "assert_exact", "bake", "check_exact", "compare",
     "get_pass", "graph_cost", "load", "load_onnx", "parse_pipeline", "register_pass", "run", "save", "trace",
 ]
 from .version import __version__  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from .cli_base import COMMANDS, EXIT_BAD_INPUT, EXIT_CHECK, EXIT_OK, Command, command, format_table  # noqa: F401  (re-exported)
-from .errors import BudgetError, PassOptionError, VerificationError
+from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError
 from .graph import Graph, GraphError
 
 
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(message)s")
     try:
         return args.func(args)
-    except (PassOptionError, BudgetError, GraphError, FileNotFoundError) as exc:
+    except (PassOptionError, BudgetError, CheckInputError, GraphError, FileNotFoundError) as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except VerificationError as exc:

@@ -2,7 +2,9 @@
 
 * :class:`PassOptionError` — an unknown pass, an unknown option or a value out of range;
 * :class:`BudgetError` — a budget the graph cannot meet;
-* :class:`VerificationError` — a rewritten graph that differs from its projected reference.
+* :class:`VerificationError` — a rewritten graph that differs from its projected reference;
+* :class:`CheckInputError` — check inputs (``--check-inputs``, ``--input-value``,
+  ``check_inputs=``) that do not fit the model.
 
 They are re-exported from :mod:`graphprune` (``gp.VerificationError``) and from
 :mod:`graphprune.passes_base`, where they lived first.  Errors about a graph itself are
@@ -11,7 +13,7 @@ frontend, ``OnnxLoadError`` in the ONNX one).
 """
 from __future__ import annotations
 
-__all__ = ["BudgetError", "PassOptionError", "VerificationError"]
+__all__ = ["BudgetError", "CheckInputError", "PassOptionError", "VerificationError"]
 
 
 class PassOptionError(ValueError):
@@ -24,3 +26,8 @@ class BudgetError(ValueError):
 
 class VerificationError(AssertionError):
     """A rewritten graph that does not match its projected reference."""
+
+
+class CheckInputError(ValueError):
+    """Check inputs that do not fit the model: a missing or unknown input name, a wrong
+    shape or dtype (the message names the input)."""

@@ -259,15 +259,12 @@ class Graph:
         return self.frontend.example_inputs()
 
     def random_inputs(self, seed: int = 0) -> list[torch.Tensor]:
-        """Random inputs shaped and typed like the example inputs (normal for floats)."""
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for ex in self.example_inputs():
-            if ex.is_floating_point():
-                out.append(torch.randn(ex.shape, generator=gen, dtype=ex.dtype))
-            else:
-                out.append(ex.clone())
-        return out
+        """The seeded default check inputs, shaped and typed like the example inputs:
+        standard normal for data, zeros for recurrent state, ones for masks, suggested or
+        small non-negative values for integers (:func:`graphprune.probes.probe_inputs`)."""
+        from .probes import probe_inputs
+
+        return probe_inputs(self, seed)
 
     # ------------------------------------------------------------------- emit
     def to_module(self) -> torch.nn.Module:

@@ -3,9 +3,21 @@
 ``optimize IN.onnx -o OUT.onnx -p PIPELINE`` loads the model (dynamic input dims fixed by
 ``--input-shape``), runs the pipeline through the :class:`~graphprune.passes_base.PassManager`
 (each pass checked against its projected reference), writes the result atomically and,
-before the file takes its final name, runs ``--check N`` random inputs through
-onnxruntime (graph optimisations off) on the written file: against the last pass's
-projected reference, or against the input file itself with ``--lossless``.
+before the file takes its final name, runs the check inputs through onnxruntime (graph
+optimisations off) on the written file: against the last pass's projected reference, or
+against the input file itself with ``--lossless``.
+
+Check inputs: ``--check N`` default probes (:mod:`graphprune.probes`: random data,
+zero recurrent state, suggested or small integers), or every sample of
+``--check-inputs FILE.npz`` (arrays named by model input; a leading axis or ``NAME:K``
+keys for several samples); ``--input-value NAME=VALUE`` (repeatable) fixes an input to a
+number in either case (a sample rate, a zero state).  The same inputs serve the pass
+manager's checks and the file check.
+
+Tolerance: ``--rtol`` if given; otherwise measured on the reference (its own noise
+between onnxruntime optimisation levels x 4, within [1e-5, 1e-4]:
+:func:`graphprune.verify.measured_tolerance`).  The printed line and ``--report`` give
+the error, the tolerance and the measured noise.
 
 Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input (no output written).
 """
@@ -17,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +37,8 @@ import torch
 from .cli_base import EXIT_OK, command, format_table
 from .graph import Graph, GraphError, Node
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
+from .probes import check_samples, parse_input_values
+from .verify import ExactnessCheck, measured_tolerance, reference_noise, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +96,15 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     _shape_args(p)
     p.add_argument("--report", metavar="FILE", help="write per-layer channels, MACs and params before/after as JSON")
     p.add_argument("--check", type=int, default=3, metavar="N",
-                   help="random inputs to compare on the written file (0: no checks at all)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="tolerance of the checks (relative to output scale)")
+                   help="probe inputs to compare on the written file (0: no checks at all)")
+    p.add_argument("--check-inputs", metavar="FILE.npz", default=None,
+                   help="check on your own inputs instead of probes: arrays named by model input, several samples "
+                        "along a leading axis or as keys NAME:0, NAME:1, ...")
+    p.add_argument("--input-value", action="append", metavar="NAME=VALUE", default=[],
+                   help="fix an input to a number in every check (repeatable), e.g. sr=16000 or state=0")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance of the checks, relative to output scale (default: measured from the model's own "
+                        "noise between onnxruntime optimisation levels, x4, within [1e-5, 1e-4])")
     p.add_argument("--external-data", action="store_true", help="store tensors in OUT.onnx.data (automatic above 1.5 GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -109,6 +130,8 @@ def optimize(args: argparse.Namespace) -> int:
         raise GraphError(f"-o `{dst}` is the input file: graphprune never overwrites its input, choose another path")
     if args.check < 0:
         raise GraphError("--check must be 0 or more")
+    if args.rtol is not None and not args.rtol > 0:
+        raise GraphError("--rtol must be positive")
     if args.pipeline is None and not args.lossless:
         raise GraphError("give a pipeline with -p (e.g. -p 'prune-channels{ratio=0.3}') or use --lossless")
     text = args.pipeline or "prune-channels"
@@ -120,16 +143,17 @@ def optimize(args: argparse.Namespace) -> int:
     try:
         graph = load_onnx(src, shapes)
         graph.frontend.session()  # fails early (exit 2) when onnxruntime cannot run the input
+        samples = check_samples(graph, args.check_inputs, values=parse_input_values(args.input_value), n=args.check)
         bar.update(1)
 
         def progress(p: Any) -> None:
             bar.set_description(p.spec())
             bar.update(1)
 
-        manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless)
+        manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless, check_inputs=samples)
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
-        check = _Check(args, graph, result)
+        check = _Check(args, graph, result, samples)
         save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
                    protect=[src], check=check)
         bar.update(1)
@@ -142,21 +166,28 @@ def optimize(args: argparse.Namespace) -> int:
 
 
 class _Check:
-    """Compare the written file with its reference on N random inputs (before it is renamed
-    into place); raise :class:`VerificationError` on a mismatch."""
+    """Compare the written file with its reference on the check inputs (before it is
+    renamed into place); raise :class:`VerificationError` on a mismatch."""
 
-    def __init__(self, args: argparse.Namespace, graph: Graph, result: PipelineResult) -> None:
-        self.n = args.check
-        self.rtol = args.rtol
+    def __init__(self, args: argparse.Namespace, graph: Graph, result: PipelineResult, samples: list[list[torch.Tensor]]) -> None:
+        self.enabled = args.check > 0
+        self.samples = samples
+        self.given_rtol: float | None = args.rtol
         self.lossless = args.lossless
         self.source = args.input
+        self.inputs_from = f"inputs from {args.check_inputs}" if args.check_inputs else "probe inputs"
         self.graph = graph
         self.result = result
-        self.max_difference: float | None = None
+        self.outcome: ExactnessCheck | None = None
         self.against = ""
 
+    @property
+    def n(self) -> int:
+        return len(self.samples) if self.enabled else 0
+
     def reference(self) -> Any:
-        """A callable inputs -> outputs: the input file (lossless) or the projected reference."""
+        """A callable inputs -> outputs: the input file (lossless or unchanged) or the
+        projected reference."""
         if self.lossless or not self.result.modified:
             self.against = "input file"
             sess = _file_session(self.source)
@@ -167,25 +198,42 @@ class _Check:
         self.against = f"projected reference of {last.pass_name}"
         return lambda xs: ref.run(*xs)
 
-    def __call__(self, path: str) -> None:
-        if self.n <= 0:
-            return
-        from .verify import relative_error
+    def noise_source(self) -> Graph:
+        """The graph whose own float noise sets the measured tolerance: the input graph
+        (lossless or unchanged) or the last pass's projected reference."""
+        if self.lossless or not self.result.modified:
+            return self.graph
+        return [r for r in self.result.results if r.modified][-1].reference()
 
+    def __call__(self, path: str) -> None:
+        if not self.enabled:
+            return
         reference = self.reference()
         sess = _file_session(path)
         names = [i.name for i in sess.get_inputs()]
         worst = 0.0
-        for seed in range(self.n):
-            xs = self.graph.random_inputs(seed)
+        for xs in self.samples:
             got = [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})]
             worst = max(worst, relative_error(got, reference(xs)))
-        self.max_difference = worst
-        if not worst <= self.rtol:
+        self.outcome = _outcome(worst, self.given_rtol, self.noise_source, self.samples)
+        if not self.outcome.passed:
             raise VerificationError(
-                f"the written model differs from the {self.against} by {worst:.3g} on {self.n} random inputs "
-                f"(tolerance {self.rtol:g}); no output was written"
+                f"the written model differs from the {self.against} by {worst:.3g} on {self.n} {self.inputs_from} "
+                f"(tolerance {self.outcome.tolerance_text()}); no output was written"
             )
+
+    def as_dict(self) -> dict[str, Any]:
+        numbers = self.outcome.as_dict() if self.outcome else {"max_difference": None, "rtol": self.given_rtol, "noise": None}
+        return {**numbers, "inputs": self.n, "input_source": self.inputs_from, "against": self.against}
+
+
+def _outcome(error: float, given_rtol: float | None, reference: Callable[[], Graph], samples: list[list[torch.Tensor]]) -> ExactnessCheck:
+    """The file check's numbers: ``--rtol`` if given, else the tolerance measured from the
+    noise of ``reference()`` (always measured here, so the report can show it)."""
+    if given_rtol is not None:
+        return ExactnessCheck(error, given_rtol, None, len(samples), measured=False)
+    noise = reference_noise(reference(), samples)
+    return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 
 def _file_session(path: str) -> Any:
@@ -269,12 +317,13 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
         "pipeline": specs, "lossless": bool(args.lossless),
         "input_shapes": {k: list(v) for k, v in graph.frontend.input_shapes().items()},
         "passes": [
-            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records}
-            for spec, r, t in zip(specs, result.results, result.timings)
+            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records,
+             "check": c.as_dict() if c is not None else None}
+            for spec, r, t, c in zip(specs, result.results, result.timings, result.checks)
         ],
         "layers": layer_rows(graph, result.graph),
         "totals": _totals(graph, result.graph),
-        "check": {"inputs": check.n, "against": check.against, "max_difference": check.max_difference, "rtol": check.rtol},
+        "check": check.as_dict(),
     }
     with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as fh:
         json.dump(report, fh, indent=1, default=_jsonable)
@@ -286,9 +335,9 @@ def _print_summary(graph: Graph, result: PipelineResult, check: _Check, seconds:
         print(f"{r.pass_name}: {'modified' if r.modified else 'no change'} ({secs:.2f}s)")
     print(f"MACs   {t['macs_before']:,} -> {t['macs_after']:,} ({t['macs_ratio']:.1%})")
     print(f"params {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.1%})")
-    if check.max_difference is not None:
-        print(f"check: {check.n} random inputs through onnxruntime, "
-              f"max relative difference {check.max_difference:.2e} vs the {check.against}")
+    if check.outcome is not None:
+        print(f"check: {check.n} {check.inputs_from} through onnxruntime, max relative difference "
+              f"{check.outcome.error:.2e} vs the {check.against}; tolerance {check.outcome.tolerance_text()}")
     print(f"wrote {dst} in {seconds:.1f}s")
 
 

@@ -13,13 +13,14 @@ import dataclasses
 import logging
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import BudgetError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
+from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError  # noqa: F401  (re-exported: they lived here first)
 from .graph import Graph
 from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re-exported: they lived here first)
-from .verify import assert_exact
+from .probes import CheckInputs, check_samples
+from .verify import ExactnessCheck, check_exact, refusal
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,13 @@ def parse_pipeline(text: str) -> list[Pass]:
 # -------------------------------------------------------------- pass manager
 @dataclass
 class PipelineResult:
+    """The final graph, each pass's result and time, and each verification's numbers
+    (``checks[i]`` is None where pass ``i`` changed nothing or verification was off)."""
+
     graph: Graph
     results: list[PassResult]
     timings: list[float]
+    checks: list[ExactnessCheck | None] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -145,31 +150,44 @@ class PipelineResult:
 class PassManager:
     """Runs passes in order and verifies between them.
 
-    ``verify`` (default on) checks each result against its projected reference on
-    random inputs; ``lossless`` sets every pass that has the option to its lossless
+    ``verify`` (default on) checks each result against its projected reference on the
+    check inputs: ``check_inputs`` (the user's own, see :func:`graphprune.probes.check_samples`)
+    or two default probes.  ``rtol`` None measures the tolerance per model from the
+    reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
+    is used as is.  ``lossless`` sets every pass that has the option to its lossless
     setting.
     """
 
-    def __init__(self, passes: Sequence[Pass], verify: bool = True, rtol: float = 1e-5, lossless: bool = False) -> None:
+    def __init__(
+        self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
+        check_inputs: CheckInputs | None = None,
+    ) -> None:
         self.passes = [_with_lossless(p) if lossless else p for p in passes]
         self.verify = verify
         self.rtol = rtol
+        self.check_inputs = check_inputs
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
-        results, timings = [], []
+        results, timings, checks = [], [], []
+        samples = check_samples(graph, self.check_inputs) if self.verify else []
         current = graph
         for p in self.passes:
             start = time.perf_counter()
             result = p(current)
             timings.append(time.perf_counter() - start)
             logger.info("%s: %s in %.2fs", p.spec(), "modified" if result.modified else "no change", timings[-1])
+            check = None
             if self.verify and result.modified:
-                assert_exact(result.graph, result.reference(), rtol=self.rtol, what=p.spec())
+                check = check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples)
+                logger.info("%s: error %.2e, tolerance %s", p.spec(), check.error, check.tolerance_text())
+                if not check.passed:
+                    raise VerificationError(refusal(check, p.spec()))
             results.append(result)
+            checks.append(check)
             current = result.graph
             if progress is not None:
                 progress(p)
-        return PipelineResult(current, results, timings)
+        return PipelineResult(current, results, timings, checks)
 
 
 def _with_lossless(p: Pass) -> Pass:
@@ -178,12 +196,21 @@ def _with_lossless(p: Pass) -> Pass:
     return p
 
 
-def run(graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, verify: bool = True, lossless: bool = False, rtol: float = 1e-5) -> PipelineResult:
-    """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes."""
+def run(
+    graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, verify: bool = True, lossless: bool = False,
+    rtol: float | None = None, check_inputs: CheckInputs | None = None,
+) -> PipelineResult:
+    """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
+
+    ``check_inputs`` are the inputs to verify on (an ``.npz`` path, a mapping name ->
+    array with samples along a leading axis, or a list of samples; see
+    :mod:`graphprune.probes`), default two probes; ``rtol`` None measures the tolerance
+    from the model's own float noise, a number is used as is.
+    """
     if isinstance(pipeline, str):
         passes = parse_pipeline(pipeline)
     elif isinstance(pipeline, Pass):
         passes = [pipeline]
     else:
         passes = list(pipeline)
-    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless).run(graph)
+    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs).run(graph)

@@ -1,17 +1,44 @@
 """Numerical verification: a rewritten graph against its projected reference.
 
-The error measure is ``max |a - b| / max(max |b|, tiny)`` per output, i.e. relative to the
-output's scale, on a few random inputs; fp32 rewrites stay near 1e-6 on it, so the
-default tolerance of 1e-5 leaves room for rounding and none for a wrong channel.
+**Error.** ``max |a - b| / max(max |b|, tiny)`` per output, i.e. relative to the
+output's scale, worst over the outputs and the check inputs (default probes of
+:mod:`graphprune.probes`, or the user's own inputs).
+
+**Tolerance.** Given explicitly (``rtol=``, ``--rtol``), it is used as is.  Otherwise it
+is measured per model (:func:`measured_tolerance`): the reference's own float noise,
+i.e. how far its outputs move between onnxruntime's optimisation levels
+(``ORT_DISABLE_ALL`` vs ``ORT_ENABLE_ALL``: fusions and layout changes that round
+differently) on the same inputs, times :data:`NOISE_FACTOR`, floored at
+:data:`RTOL_FLOOR` (1e-5) and capped at :data:`RTOL_CAP` (1e-4, relative, fp32).  A
+frontend that cannot measure its noise (fx, export) gets the floor.  fp32 rewrites stay
+near 1e-7 on well-conditioned models, so the floor leaves room for rounding and none
+for a wrong channel; a deep or ill-conditioned model whose own rounding noise exceeds
+the floor gets a tolerance that follows it, but never more than the cap.
 """
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .graph import Graph
 from .errors import VerificationError
+
+__all__ = [
+    "ExactnessCheck", "NOISE_FACTOR", "RTOL_CAP", "RTOL_FLOOR", "assert_exact", "check_exact", "compare",
+    "measured_tolerance", "reference_noise", "relative_error",
+]
+
+logger = logging.getLogger(__name__)
+
+RTOL_FLOOR = 1e-5
+RTOL_CAP = 1e-4
+NOISE_FACTOR = 4.0
+
+Samples = Sequence[Sequence[torch.Tensor]]
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -29,18 +56,104 @@ def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> floa
     return worst
 
 
-def compare(graph: Graph, reference: Graph, n: int = 2, seed: int = 0) -> float:
-    """Run both graphs on ``n`` random inputs and return the worst relative error."""
+def measured_tolerance(noise: float | None) -> float:
+    """``clamp(NOISE_FACTOR * noise, RTOL_FLOOR, RTOL_CAP)``; the floor when ``noise`` is
+    unknown or not finite."""
+    if noise is None or not math.isfinite(noise):
+        return RTOL_FLOOR
+    return min(max(NOISE_FACTOR * noise, RTOL_FLOOR), RTOL_CAP)
+
+
+def reference_noise(reference: Graph, samples: Samples) -> float | None:
+    """How far ``reference``'s outputs move between onnxruntime optimisation levels on
+    ``samples`` (worst relative difference); None when its frontend has no optimised run."""
+    run_optimised = getattr(reference.frontend, "run_optimised", None)
+    if run_optimised is None:
+        return None
     worst = 0.0
-    for i in range(n):
-        inputs = reference.random_inputs(seed + i)
-        worst = max(worst, relative_error(graph.run(*inputs), reference.run(*inputs)))
+    for xs in samples:
+        try:
+            optimised = run_optimised(list(xs))
+        except Exception as exc:  # an optimisation onnxruntime cannot apply to this model
+            logger.warning("cannot measure the model's noise (onnxruntime with all optimisations: %s); tolerance %g",
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__, RTOL_FLOOR)
+            return None
+        worst = max(worst, relative_error(optimised, reference.run(*xs)))
     return worst
 
 
-def assert_exact(graph: Graph, reference: Graph, rtol: float = 1e-5, n: int = 2, what: str = "rewrite") -> float:
-    """Raise :class:`VerificationError` unless ``graph`` matches ``reference``."""
-    err = compare(graph, reference, n=n)
-    if not err <= rtol:
-        raise VerificationError(f"{what}: output differs from the projected reference by {err:.3g} (tolerance {rtol:g})")
-    return err
+def _samples(reference: Graph, n: int, seed: int, inputs: Samples | None) -> list[list[torch.Tensor]]:
+    if inputs is not None:
+        return [list(xs) for xs in inputs]
+    return [reference.random_inputs(seed + i) for i in range(n)]
+
+
+def compare(graph: Graph, reference: Graph, n: int = 2, seed: int = 0, inputs: Samples | None = None) -> float:
+    """The worst relative error of ``graph`` against ``reference`` on ``inputs`` (a list of
+    samples, each a list of tensors in input order), or on ``n`` default probes."""
+    worst = 0.0
+    for xs in _samples(reference, n, seed, inputs):
+        worst = max(worst, relative_error(graph.run(*xs), reference.run(*xs)))
+    return worst
+
+
+@dataclass(frozen=True)
+class ExactnessCheck:
+    """One check's numbers: the error, the tolerance, and where the tolerance came from
+    (``noise`` is the reference's measured float noise, None if not measured)."""
+
+    error: float
+    rtol: float
+    noise: float | None
+    samples: int
+    measured: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.rtol
+
+    def tolerance_text(self) -> str:
+        """``1e-05`` or ``1e-05 (measured: model noise 2.1e-06 x 4, floor 1e-05, cap 0.0001)``."""
+        if not self.measured:
+            return f"{self.rtol:g}"
+        if self.noise is None:
+            return f"{self.rtol:g} (the floor; the model's noise was not measured)"
+        return (f"{self.rtol:.2g} (measured: model noise {self.noise:.2g} between onnxruntime optimisation levels "
+                f"x {NOISE_FACTOR:g}, floor {RTOL_FLOOR:g}, cap {RTOL_CAP:g})")
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return {"max_difference": self.error, "rtol": self.rtol, "noise": self.noise, "inputs": self.samples,
+                "rtol_source": "measured" if self.measured else "given"}
+
+
+def check_exact(
+    graph: Graph, reference: Graph, rtol: float | None = None, n: int = 2, inputs: Samples | None = None,
+    always_measure: bool = False,
+) -> ExactnessCheck:
+    """Compare ``graph`` with ``reference``; ``rtol`` None measures the tolerance from the
+    reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
+    measured only when the error exceeds the floor (below it the tolerance cannot
+    matter), unless ``always_measure`` (reports that show it)."""
+    samples = _samples(reference, n, 0, inputs)
+    error = compare(graph, reference, inputs=samples)
+    if rtol is not None:
+        return ExactnessCheck(error, rtol, None, len(samples), measured=False)
+    noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
+    return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
+
+
+def assert_exact(
+    graph: Graph, reference: Graph, rtol: float | None = None, n: int = 2, what: str = "rewrite",
+    inputs: Samples | None = None,
+) -> float:
+    """Raise :class:`VerificationError` unless ``graph`` matches ``reference``; the error."""
+    check = check_exact(graph, reference, rtol=rtol, n=n, inputs=inputs)
+    if not check.passed:
+        raise VerificationError(refusal(check, what))
+    return check.error
+
+
+def refusal(check: ExactnessCheck, what: str) -> str:
+    """The message of a failed check, with both numbers."""
+    return (f"{what}: output differs from the projected reference by {check.error:.3g} on {check.samples} inputs "
+            f"(tolerance {check.tolerance_text()})")

@@ -73,7 +73,7 @@ def test_optimize_prunes_checks_and_reports(model_path: str, tmp_path, capsys) -
                           "--input-shape", "input:2,3,32,32", "--report", report, "--no-progress")
     assert code == 0, stdout
     assert sha(model_path) == digest  # the input file is untouched
-    assert "check: 3 random inputs" in stdout and "projected reference" in stdout
+    assert "check: 3 probe inputs" in stdout and "projected reference" in stdout
     onnx.checker.check_model(onnx.load(out), full_check=True)
     data = json.load(open(report))
     assert data["pipeline"] == ["prune-channels{ratio=0.3}"] and data["check"]["max_difference"] <= RTOL

@@ -26,7 +26,7 @@ from ...graph import Graph, GraphError, Node, ValueInfo
 from .classify import OpContext, build_view
 from .edit import OnnxEdits
 from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
-from .run import example_inputs, make_session, run_session
+from .run import compared_constants, example_inputs, make_session, run_session
 from .save import export_model, model_for_save, save_model
 from .shapes import infer_shapes
 from .tensors import constant_node_value, fresh_name, is_default
@@ -79,6 +79,7 @@ class OnnxFrontend(OnnxEdits):
     # ---------------------------------------------------------------- caches
     def _reset_caches(self) -> None:
         self._session_cache: Any = None
+        self._optimised_cache: Any = None
         self._refs: dict[str, gs.Constant | gs.Node] | None = None
         self._index: dict[str, gs.Node] = {}
         self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
@@ -86,6 +87,7 @@ class OnnxFrontend(OnnxEdits):
 
     def _edited(self) -> None:
         self._session_cache = None
+        self._optimised_cache = None
         self._folded = {}
 
     def _ops(self) -> OpContext:
@@ -164,8 +166,20 @@ class OnnxFrontend(OnnxEdits):
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return run_session(self.session(), self.graph, inputs)
 
+    def run_optimised(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
+        :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
+        if self._optimised_cache is None:
+            self._optimised_cache = make_session(export_model(self.graph, self._shell), optimise=True)
+        return run_session(self._optimised_cache, self.graph, inputs)
+
     def example_inputs(self) -> list[torch.Tensor]:
         return list(self._inputs)
+
+    def input_hints(self) -> dict[str, np.ndarray]:
+        """Values the model suggests for its integer inputs: the constant each is compared
+        with (``Equal(sr, 16000)`` -> 16000), used by the check probes."""
+        return compared_constants(self.graph)
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """The fixed shapes used for analysis, per graph input."""

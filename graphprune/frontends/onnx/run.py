@@ -1,9 +1,12 @@
 """Running an ONNX graph with onnxruntime on CPU.
 
 Sessions have graph optimisations disabled, so the numbers are the graph's own (no
-fusions that round differently).  Models too large for one protobuf (2 GiB) go through a
-temporary file with external data.  Example inputs are seeded: standard normal for
-floating-point inputs, zeros for integer ones.
+fusions that round differently); ``make_session(model, optimise=True)`` turns them all on
+(``ORT_ENABLE_ALL``), which the checks use to measure a model's own float noise.  Models
+too large for one protobuf (2 GiB) go through a temporary file with external data.
+Example inputs are seeded: standard normal for floating-point inputs, zeros for integer
+ones.  :func:`compared_constants` finds the values a model suggests for its integer
+inputs (what the check probes feed them, :mod:`graphprune.probes`).
 """
 from __future__ import annotations
 
@@ -17,17 +20,18 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ...graph import GraphError
-from .tensors import np_dtype, proto_nbytes
+from .tensors import const_value, np_dtype, proto_nbytes
 
-__all__ = ["example_inputs", "make_session", "run_session"]
+__all__ = ["compared_constants", "example_inputs", "make_session", "run_session"]
 
 
-def make_session(model: onnx.ModelProto) -> Any:
-    """An onnxruntime CPU session with graph optimisations disabled."""
+def make_session(model: onnx.ModelProto, optimise: bool = False) -> Any:
+    """An onnxruntime CPU session with graph optimisations disabled (all enabled with ``optimise``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimise else level.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     if proto_nbytes(model) < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -60,4 +64,37 @@ def example_inputs(graph: gs.Graph) -> list[torch.Tensor]:
             out.append(torch.randn(shape, generator=gen).to(dtype))
         else:
             out.append(torch.zeros(shape, dtype=dtype))
+    return out
+
+
+COMPARISONS = ("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual")
+PASS_THROUGH = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
+
+
+def compared_constant(t: gs.Tensor, depth: int = 4) -> np.ndarray | None:
+    """The constant that ``t`` (or a cast or reshape of it) is compared with by an
+    ``Equal``/``Greater``/``Less``... node, if any: ``Equal(sr, 16000)`` -> 16000."""
+    for node in t.outputs:
+        if node.op in COMPARISONS:
+            for other in node.inputs:
+                value = const_value(other) if other is not t else None
+                if value is not None and value.size >= 1:
+                    return np.asarray(value).reshape(-1)[0]
+        elif node.op in PASS_THROUGH and depth > 0 and node.inputs and node.inputs[0] is t:
+            found = compared_constant(node.outputs[0], depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def compared_constants(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Per integer graph input, the constant the model compares it with (see
+    :func:`compared_constant`); inputs compared with nothing are left out."""
+    out = {}
+    for t in graph.inputs:
+        if not isinstance(t, gs.Variable) or np_dtype(t.dtype).kind not in "iub":
+            continue
+        value = compared_constant(t)
+        if value is not None:
+            out[t.name] = value
     return out
