@@ -4,7 +4,9 @@ Convolution").
 
 Decide.  For each eligible conv with weight ``W`` (``F x C x k...``) the pair scores
 ``S_fc`` (``l2``/``l1`` norm of the kernel slice, or the first-order Taylor score
-``|<W_fc, dL/dW_fc>|`` with ``criterion=taylor`` and ``gradients={weight key: dL/dW}``)
+``|<W_fc, dL/dW_fc>|`` with ``criterion=taylor`` and ``gradients={weight key: dL/dW}``, or
+precomputed Taylor pair scores ``scores={weight key: S (F x C)}``, e.g. accumulated per batch
+as ``sum_b |<W_fc, dL_b/dW_fc>|`` by :func:`graphprune.training.gconv.taylor_scores`)
 are normalised to sum 1, and for every candidate group count ``G`` (a common divisor of
 ``F`` and ``C``) :mod:`graphprune.blockperm` finds row and column labellings whose
 ``G`` diagonal blocks hold as much score mass as it can; ``cost(G) = 1 - kept(G)``.
@@ -170,14 +172,15 @@ class GroupConvs(Pass):
     fold: bool = True
     ignore: tuple[str, ...] = ()
     gradients: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    scores: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def spec(self) -> str:
-        """Pipeline syntax; ``gradients`` (tensors) has none and is left out."""
-        if self.gradients is None:
+        """Pipeline syntax; ``gradients`` and ``scores`` (tensors) have none and are left out."""
+        if self.gradients is None and self.scores is None:
             return super().spec()
         import dataclasses
 
-        return dataclasses.replace(self, gradients=None).spec()
+        return dataclasses.replace(self, gradients=None, scores=None).spec()
 
     def validate(self) -> None:
         n = self.name
@@ -199,8 +202,13 @@ class GroupConvs(Pass):
             raise PassOptionError(f"{n}: ns must be at least 1, got {self.ns}")
         if self.criterion not in blockperm.CRITERIA:
             raise PassOptionError(f"{n}: unknown criterion `{self.criterion}` (known: {', '.join(blockperm.CRITERIA)})")
-        if self.criterion == "taylor" and self.gradients is None:
-            raise PassOptionError(f"{n}: criterion=taylor needs gradients={{weight key: dL/dW}} (see accumulate_gradients)")
+        if self.criterion == "taylor" and self.gradients is None and self.scores is None:
+            raise PassOptionError(
+                f"{n}: criterion=taylor needs gradients={{weight key: dL/dW}} (see accumulate_gradients) or "
+                "scores={weight key: F x C Taylor pair scores} (see graphprune.training.gconv.taylor_scores)"
+            )
+        if self.scores is not None and self.criterion != "taylor":
+            raise PassOptionError(f"{n}: scores= are Taylor pair scores; they need criterion=taylor")
 
     # ------------------------------------------------------------------ call
     def call(self, graph: Graph) -> PassResult:
@@ -245,13 +253,23 @@ class GroupConvs(Pass):
         key = node.params["weight"]
         w = graph.param(key).detach().double().numpy()
         grad = None
-        if self.criterion == "taylor":
+        given = None
+        if self.criterion == "taylor" and self.scores is not None:
+            if key not in self.scores:
+                raise PassOptionError(f"{self.name}: criterion=taylor has no scores for `{key}` ({node})")
+            given = np.abs(np.asarray(torch.as_tensor(self.scores[key]).detach().double().cpu().numpy()))
+            if given.shape != w.shape[:2]:
+                raise PassOptionError(f"{self.name}: scores for `{key}` have shape {given.shape}, expected {w.shape[:2]}")
+        elif self.criterion == "taylor":
             if key not in self.gradients:  # type: ignore[operator]
                 raise PassOptionError(f"{self.name}: criterion=taylor has no gradient for `{key}` ({node})")
             grad = self.gradients[key].detach().double().numpy()  # type: ignore[index]
         bias_key = node.params.get("bias")
         magnitude = blockperm.pair_scores(w, "l2")
-        scores = magnitude if self.criterion == "l2" else blockperm.pair_scores(w, self.criterion, grad)
+        if given is not None:
+            scores = given
+        else:
+            scores = magnitude if self.criterion == "l2" else blockperm.pair_scores(w, self.criterion, grad)
         return _Layer(
             node, key, bias_key, w.shape[0], w.shape[1], node_macs(graph, node), int(w.size),
             int(graph.param(bias_key).numel()) if bias_key else 0,
