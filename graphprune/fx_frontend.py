@@ -482,6 +482,28 @@ class FxFrontend:
             out = self.gm(*inputs)
         return [t for t in _flatten_tensors(out)]
 
+    def run_masked(self, inputs: Sequence[torch.Tensor], masks: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run (eval mode, no grad) multiplying each value named in ``masks`` by its mask
+        (broadcast) as soon as it is computed, so a per-sample mask removes channels of
+        one sample without touching the weights."""
+        self.gm.eval()
+        with torch.no_grad():
+            out = _MaskingInterpreter(self.gm, masks).run(*inputs)
+        return _flatten_tensors(out)
+
+    def gradients(
+        self, inputs: Sequence[torch.Tensor], loss: Callable[[list[torch.Tensor]], torch.Tensor], keys: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
+        their running statistics); the module's own tensors are not touched."""
+        self.gm.eval()
+        params = {k: self.get_param(k).clone().requires_grad_(True) for k in keys}
+        with torch.enable_grad():
+            out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
+            value = loss(_flatten_tensors(out))
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
@@ -501,6 +523,19 @@ class FxFrontend:
         from .emit import export_module_onnx
 
         export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
+
+
+class _MaskingInterpreter(fx.Interpreter):
+    """Multiplies the outputs of the nodes named in ``masks`` by their masks."""
+
+    def __init__(self, gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.masks = masks
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        mask = self.masks.get(n.name)
+        return out if mask is None else out * mask.to(out.dtype)
 
 
 class _GatherIndex(nn.Module):

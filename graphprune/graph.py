@@ -258,6 +258,27 @@ class Graph:
     def example_inputs(self) -> list[torch.Tensor]:
         return self.frontend.example_inputs()
 
+    def run_masked(self, inputs: Sequence[torch.Tensor], masks: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run with each value named in ``masks`` multiplied by its (broadcast) mask as it
+        is computed.  Optional frontend capability (fx has it): raises :class:`GraphError`
+        when the frontend cannot; see :attr:`can_run_masked`."""
+        fn = getattr(self.frontend, "run_masked", None)
+        if fn is None:
+            raise GraphError(f"the {self.frontend.name} frontend cannot mask values while running")
+        return fn(list(inputs), masks)
+
+    @property
+    def can_run_masked(self) -> bool:
+        return hasattr(self.frontend, "run_masked")
+
+    def gradients(self, inputs: Sequence[torch.Tensor], loss: Any, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Gradients of ``loss(outputs)`` w.r.t. parameters ``keys`` (eval mode).  Optional
+        frontend capability (fx has it; an ONNX graph cannot be differentiated)."""
+        fn = getattr(self.frontend, "gradients", None)
+        if fn is None:
+            raise GraphError(f"the {self.frontend.name} frontend cannot compute gradients (capture the PyTorch model instead)")
+        return fn(list(inputs), loss, list(keys))
+
     def random_inputs(self, seed: int = 0) -> list[torch.Tensor]:
         """Random inputs shaped and typed like the example inputs (normal for floats)."""
         gen = torch.Generator().manual_seed(seed)

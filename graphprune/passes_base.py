@@ -66,11 +66,14 @@ class Pass:
     """Base class: subclasses set ``name`` and implement :meth:`call`."""
 
     name: ClassVar[str] = ""
+    uses_data: ClassVar[bool] = False
+    """A pass that can use calibration data sets this; its ``call`` takes ``data=``."""
 
-    def __call__(self, graph: Graph) -> PassResult:
+    def __call__(self, graph: Graph, data: Any = None) -> PassResult:
         self.validate()
         self.requires(graph)
-        result = self.call(graph)
+        self.requires_data(data)
+        result = self.call(graph, data=data) if self.uses_data else self.call(graph)  # type: ignore[call-arg]
         result.pass_name = self.name
         self.ensures(result)
         return result
@@ -82,6 +85,10 @@ class Pass:
         """Precondition on the input graph."""
         if not graph.nodes:
             raise GraphError(f"{self.name}: the graph is empty")
+
+    def requires_data(self, data: Any) -> None:
+        """Precondition on the calibration data (``None`` when none was given): raise
+        :class:`PassOptionError` when the options need data that is missing."""
 
     def call(self, graph: Graph) -> PassResult:
         raise NotImplementedError
@@ -246,13 +253,18 @@ class PassManager:
 
     ``verify`` (default on) checks each result against its projected reference on
     random inputs; ``lossless`` sets every pass that has the option to its lossless
-    setting.
+    setting; ``data`` (calibration batches, see
+    :func:`graphprune.training.criteria.calibration_batches`) goes to every pass that
+    uses data (``Pass.uses_data``), e.g. ``prune-channels{criterion=kl}``.
     """
 
-    def __init__(self, passes: Sequence[Pass], verify: bool = True, rtol: float = 1e-5, lossless: bool = False) -> None:
+    def __init__(
+        self, passes: Sequence[Pass], verify: bool = True, rtol: float = 1e-5, lossless: bool = False, data: Any = None
+    ) -> None:
         self.passes = [_with_lossless(p) if lossless else p for p in passes]
         self.verify = verify
         self.rtol = rtol
+        self.data = data
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         from .verify import assert_exact
@@ -261,7 +273,7 @@ class PassManager:
         current = graph
         for p in self.passes:
             start = time.perf_counter()
-            result = p(current)
+            result = p(current, data=self.data)
             timings.append(time.perf_counter() - start)
             logger.info("%s: %s in %.2fs", p.spec(), "modified" if result.modified else "no change", timings[-1])
             if self.verify and result.modified:
@@ -279,12 +291,23 @@ def _with_lossless(p: Pass) -> Pass:
     return p
 
 
-def run(graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, verify: bool = True, lossless: bool = False, rtol: float = 1e-5) -> PipelineResult:
-    """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes."""
+def run(
+    graph: Graph,
+    pipeline: str | Sequence[Pass] | Pass,
+    *,
+    data: Any = None,
+    verify: bool = True,
+    lossless: bool = False,
+    rtol: float = 1e-5,
+) -> PipelineResult:
+    """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
+
+    ``data`` is calibration data for passes that use it (a batch tensor, ``(x, labels)``,
+    a mapping of input name to array, or an iterable of those, e.g. a ``DataLoader``)."""
     if isinstance(pipeline, str):
         passes = parse_pipeline(pipeline)
     elif isinstance(pipeline, Pass):
         passes = [pipeline]
     else:
         passes = list(pipeline)
-    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless).run(graph)
+    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, data=data).run(graph)
