@@ -73,7 +73,8 @@ from graphprune.coupling import analyse
 from graphprune.graph import Graph, Node, Port
 from graphprune.projection import bake
 
-__all__ = ["ChannelGate", "RingGate", "SMOFGates", "smof_gates", "smof_penalty", "smof_threshold", "LatencyTable"]
+__all__ = ["ChannelGate", "RingGate", "SMOFGates", "baked_state_dict", "smof_gates", "smof_penalty", "smof_threshold",
+           "LatencyTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,24 @@ def smof_threshold(model: nn.Module, tau: float, keep_one_channel: bool = True) 
             channels += int(small.sum())
     bake(model)
     return {"rings": rings, "channels": channels}
+
+
+@torch.no_grad()
+def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``bake(model)`` would have, without modifying ``model``: every
+    parametrized tensor at its current (gated) value under its plain key, gate parameters
+    dropped.  Load it into an ungated instance of the architecture to try thresholds
+    without copying the gated model (a deep copy of a parametrized module shares its
+    generated class with the original, so baking one breaks the other)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in f".{key}":
+            out[key] = value.clone()
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr in module.parametrizations.keys():
+                out[f"{name}.{attr}" if name else attr] = getattr(module, attr).detach().clone()
+    return out
 
 
 # =============================================================== latency table
