@@ -123,3 +123,29 @@ def test_group_convs_taylor_scores_option() -> None:
     with pytest.raises(PassOptionError, match="no scores"):
         GroupConvs(groups=4, criterion="taylor", scores={"stem.weight": scores["stem.weight"]})(graph)
     assert GroupConvs(groups=2, criterion="taylor", scores=scores).spec() == "group-convs{groups=2,criterion=taylor}"
+
+
+def test_group_convs_taylor_from_calibration_data() -> None:
+    """``gp.run(..., data=)`` computes the same per-batch Taylor pair scores as
+    :func:`taylor_scores` on the model, and takes the same decision."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 10, 10)
+    graph = gp.trace(model, x)
+    batches = _batches(3)
+    from graphprune.passes.group_convs import taylor_pair_scores
+
+    convs = [n for n in graph.nodes if n.kind == "conv"]
+    from_graph = taylor_pair_scores(graph, batches, convs)
+    from_model = taylor_scores(model, batches)
+    assert set(from_graph) == set(from_model)
+    for k in from_graph:
+        torch.testing.assert_close(from_graph[k], from_model[k], rtol=1e-4, atol=1e-9)
+    r_data = gp.run(graph, "group-convs{groups=4,criterion=taylor}", data=batches).results[0]
+    r_scores = GroupConvs(groups=4, criterion="taylor", scores=from_model)(graph)
+    assert [rec["kept"] for rec in r_data.records] == pytest.approx([rec["kept"] for rec in r_scores.records], rel=1e-6)
+    l2 = GroupConvs(groups=4)(graph)
+    assert [rec["kept"] for rec in r_data.records] != [rec["kept"] for rec in l2.records]
+    with pytest.raises(PassOptionError, match="needs gradients"):
+        gp.run(graph, "group-convs{groups=4,criterion=taylor}")
+    assert not gp.run(graph, "group-convs{criterion=taylor,lossless=true}").modified

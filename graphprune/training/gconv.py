@@ -59,12 +59,15 @@ def taylor_scores(model: nn.Module, batches: Iterable[Any],
                   loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``{qualified weight name: S (F x C)}`` with ``S_fc = sum_b |<W_fc, dL_b/dW_fc>|``
     for every ungrouped conv of ``model`` (see module doc).  ``loss_fn(model, batch)``
-    defaults to the cross-entropy of ``(x, y)`` batches.  Weights are not changed; the
-    model's gradients are cleared afterwards."""
+    defaults to the batch-mean cross-entropy of ``(x, y)`` batches.  The model runs in eval
+    mode (norms use their running statistics), as ``gp.run(graph, "group-convs{criterion=
+    taylor,...}", data=batches)`` does; weights are not changed, gradients are cleared and
+    the model's mode restored afterwards."""
     convs = {f"{name}.weight": m for name, m in model.named_modules()
              if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1}
     scores = {k: torch.zeros(m.weight.shape[:2], dtype=torch.float64) for k, m in convs.items()}
     was = model.training
+    model.eval()
     for batch in batches:
         model.zero_grad(set_to_none=True)
         if loss_fn is not None:
