@@ -33,7 +33,7 @@ from graphprune.training.trp import TRP, low_rank_projection, recalibrate_bn
 
 BASELINE_NAME = "post-hoc truncated SVD at TRP's per-layer ranks (same MACs), no fine-tuning"
 DEFAULTS: dict[str, Any] = {
-    "width": 16, "n_per_class": 500, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
+    "width": 16, "n_per_class": 400, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
     "energy": 0.9, "lam": 3e-3, "every": 10, "scheme": "spatial",
 }
 TINY: dict[str, Any] = {"width": 8, "n_per_class": 30, "n_test": 200, "epochs": 1, "ft_epochs": 1, "every": 2}
