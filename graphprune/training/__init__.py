@@ -18,3 +18,14 @@ __all__ = [
 
 # --- part 2: TRP, SMOF, group-conv (issue 11) ---
 # (imports of graphprune.training.trp / smof / gconv go here; extend __all__ below them)
+from .gconv import GroupConvFinetune, group_conv_finetune, lossless_spec, taylor_scores  # noqa: E402
+from .smof import (  # noqa: E402
+    ChannelGate, LatencyTable, RingGate, SMOFGates, baked_state_dict, smof_gates, smof_penalty, smof_threshold,
+)
+from .trp import TRP, energy_rank, low_rank_projection  # noqa: E402
+
+__all__ += [
+    "ChannelGate", "GroupConvFinetune", "LatencyTable", "RingGate", "SMOFGates", "TRP", "baked_state_dict",
+    "energy_rank", "group_conv_finetune", "lossless_spec", "low_rank_projection", "smof_gates", "smof_penalty",
+    "smof_threshold", "taylor_scores",
+]

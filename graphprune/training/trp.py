@@ -57,6 +57,8 @@ import torch.nn as nn
 
 from graphprune.passes.factorize import from_matrix, to_matrix
 
+from .loop import recalibrate_bn
+
 __all__ = ["TRP", "energy_rank", "low_rank_projection", "recalibrate_bn"]
 
 logger = logging.getLogger(__name__)
@@ -222,38 +224,10 @@ class TRP:
                 w.grad.add_(sub, alpha=self.lam)
 
     def finalize(self, loader: Iterable[Any] | None = None, batches: int | None = None) -> dict[str, int]:
-        """Final projection, then (with ``loader``) BN statistics recomputed on it, since
-        the projection changed every layer's output distribution."""
+        """Final projection, then (with ``loader``) BN statistics recomputed on it
+        (:func:`graphprune.training.loop.recalibrate_bn`, averaged over ranks under DDP),
+        since the projection changed every layer's output distribution."""
         ranks = self.project()
         if loader is not None:
             recalibrate_bn(self.model, loader, batches=batches)
         return ranks
-
-
-def recalibrate_bn(model: nn.Module, loader: Iterable[Any], batches: int | None = None) -> nn.Module:
-    """Recompute every batch norm's running mean and variance as the plain average over
-    ``loader`` (``momentum=None``), in train mode without gradients; restores each
-    module's mode and momentum.  Batches are tensors or tuples whose first item is the
-    input."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return model
-    saved = [(m, m.momentum) for m in norms]
-    modes = {m: m.training for m in model.modules()}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if batches is not None and i >= batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x)
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        for m, mode in modes.items():
-            m.training = mode
-    return model
