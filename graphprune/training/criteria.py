@@ -145,6 +145,19 @@ def calibration_batches(data: Any, graph: Graph) -> list[CalibrationBatch]:
     return out
 
 
+def run_batch(graph: Graph, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``graph.run`` on a calibration batch; a graph whose frontend takes only its example
+    batch size (an ONNX file exported with a fixed batch) is fed in chunks of that size."""
+    try:
+        return graph.run(*inputs)
+    except Exception:
+        b = int(graph.example_inputs()[0].shape[0])
+        if b < 1 or int(inputs[0].shape[0]) <= b:
+            raise
+        parts = [graph.run(*[x[i : i + b] for x in inputs]) for i in range(0, int(inputs[0].shape[0]), b)]
+        return [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
 # ------------------------------------------------------------------- KL
 def _batched_values(graph: Graph) -> set[str]:
     """Values computed from the model inputs (they carry the batch on axis 0)."""
@@ -179,7 +192,7 @@ def kl_importance(data: Any, rows: int = 512) -> Any:
     def prepared(graph: Graph) -> tuple[list[CalibrationBatch], list[torch.Tensor], set[str]]:
         if cache.get("graph") is not graph:
             batches = calibration_batches(data, graph)
-            cache.update(graph=graph, batches=batches, base=[graph.run(*b.inputs)[0] for b in batches],
+            cache.update(graph=graph, batches=batches, base=[run_batch(graph, b.inputs)[0] for b in batches],
                          batched=_batched_values(graph))
         return cache["batches"], cache["base"], cache["batched"]
 
@@ -196,7 +209,7 @@ def kl_importance(data: Any, rows: int = 512) -> Any:
                 keep = np.ones(group.n_classes, bool)
                 keep[c] = False
                 ref = group_projection(graph, group, keep).apply(graph)
-                total[c] = sum(float(_kl_rows(ref.run(*b.inputs)[0], lg, 1)[0]) for b, lg in zip(batches, base))
+                total[c] = sum(float(_kl_rows(run_batch(ref, b.inputs)[0], lg, 1)[0]) for b, lg in zip(batches, base))
         return dist.mean_array(total / max(n, 1))
 
     score.__name__ = "kl"
