@@ -36,7 +36,7 @@ from graphprune.training.trp import recalibrate_bn
 
 BASELINE_NAME = "identity grouping (no permutation) at the same groups, same mask-held fine-tuning"
 DEFAULTS: dict[str, Any] = {
-    "width": 16, "n_per_class": 500, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
+    "width": 16, "n_per_class": 400, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
     "groups": 4,
 }
 TINY: dict[str, Any] = {"width": 8, "n_per_class": 30, "n_test": 200, "epochs": 1, "ft_epochs": 1, "groups": 2}

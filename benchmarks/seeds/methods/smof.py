@@ -38,7 +38,7 @@ from graphprune.training.trp import recalibrate_bn
 BASELINE_NAME = "channel gates only, pruned to the same measured onnxruntime latency"
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 DEFAULTS: dict[str, Any] = {
-    "width": 16, "n_per_class": 500, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
+    "width": 16, "n_per_class": 400, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
     "lam": 2.0, "tau": 0.1, "per_axis": False, "channel_step": 4, "runs": 50,
     "latency_cache": os.path.join(RESULTS, "smof_latency_cache.json"),
 }
