@@ -20,7 +20,9 @@ The math.  Each eligible weight ``W`` is read as a matrix ``M`` in the layout of
 
 * rank: the smallest ``r`` with ``sum_{i<r} s_i^2 >= energy * E``;
 * projection (every ``every`` steps, before the forward pass): ``M <- U_r diag(s_r) V_r^T``,
-  the best rank-``r`` approximation in Frobenius norm (Eckart-Young).  Computed in float64
+  the best rank-``r`` approximation in Frobenius norm (Eckart-Young), with the rank taken
+  afresh each time from the current spectrum (so it tends to fall during training: each
+  projection keeps ``energy`` of what the previous one kept plus what training added).  Computed in float64
   and cast back, so the float32 weight's trailing singular values are at rounding level,
   far below ``factorize``'s lossless threshold ``max(rows, cols) * eps32 * s_1``;
 * regulariser: ``lam * ||M||_*`` (nuclear norm), whose sub-gradient at a rank-``r`` matrix
