@@ -39,7 +39,7 @@ BASELINE_NAME = "channel gates only, pruned to the same measured onnxruntime lat
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 DEFAULTS: dict[str, Any] = {
     "width": 16, "n_per_class": 400, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
-    "lam": 2.0, "tau": 0.1, "per_axis": False, "channel_step": 4, "runs": 50,
+    "lam": 0.3, "tau": 0.1, "per_axis": False, "channel_step": 4, "runs": 50,
     "latency_cache": os.path.join(RESULTS, "smof_latency_cache.json"),
 }
 TINY: dict[str, Any] = {"width": 8, "n_per_class": 30, "n_test": 200, "epochs": 1, "ft_epochs": 0, "runs": 5,
