@@ -30,12 +30,14 @@ weights under DDP anyway; this removes any doubt from floating-point reductions)
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from graphprune.coupling import CouplingAnalysis, analyse
 from graphprune.graph import Graph, GraphError
@@ -153,7 +155,10 @@ class EarlyPruningIndicator:
         if isinstance(src, nn.Module):
             from graphprune.fx_frontend import trace
 
-            return trace(unwrap(src), self.example)  # type: ignore[arg-type]
+            module = unwrap(src)
+            if any(parametrize.is_parametrized(m) for m in module.modules()):
+                module = _plain_copy(module)  # a projected model: capture its current projected weights
+            return trace(module, self.example)  # type: ignore[arg-type]
         return src()
 
     def _decide(self, graph: Graph) -> tuple[dict[int, np.ndarray], list[int]]:
@@ -205,3 +210,19 @@ class EarlyPruningIndicator:
         keep = self.decisions[-1 if step is None else step]
         recorded = tuple((gid, tuple(bool(v) for v in mask)) for gid, mask in sorted(keep.items()) if not mask.all())
         return RecordedChannels(macs=self.budget, ignore=self._pass.ignore, recorded=recorded)
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of a parametrized ``model`` with plain parameters holding the current
+    parametrized values.  (``parametrize.remove_parametrizations`` on a deep copy would
+    delete the property from the parametrized class the copy shares with ``model``.)"""
+    out = copy.deepcopy(model)
+    for sub in out.modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        values = {name: getattr(sub, name).detach().clone() for name in sub.parametrizations.keys()}
+        sub.__class__ = sub.__class__.__bases__[0]
+        del sub._modules["parametrizations"]
+        for name, value in values.items():
+            sub._parameters[name] = nn.Parameter(value)
+    return out
