@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 import graphprune as gp
 from benchmarks.seeds.common import Data, accuracy, small_resnet, subset_per_class, train
-from graphprune.training.smof import ChannelGate, LatencyTable, SMOFGates, baked_state_dict, smof_penalty, smof_threshold
+from graphprune.training.smof import ChannelGate, LatencyTable, RingGate, SMOFGates, baked_state_dict, smof_penalty, smof_threshold
 from graphprune.training.trp import recalibrate_bn
 
 BASELINE_NAME = "channel gates only, pruned to the same measured onnxruntime latency"
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 DEFAULTS: dict[str, Any] = {
     "width": 16, "n_per_class": 400, "n_test": 2000, "epochs": 4, "ft_epochs": 1, "lr": 0.05, "batch": 128,
-    "lam": 0.3, "tau": 0.1, "per_axis": False, "channel_step": 4, "runs": 50,
+    "lam": 0.6, "tau": 0.2, "per_axis": False, "channel_step": 4, "runs": 50,
     "latency_cache": os.path.join(RESULTS, "smof_latency_cache.json"),
 }
 TINY: dict[str, Any] = {"width": 8, "n_per_class": 30, "n_test": 200, "epochs": 1, "ft_epochs": 0, "runs": 5,
@@ -135,6 +135,8 @@ def run_seed(seed: int, data: Data, s: dict[str, Any]) -> dict[str, float]:
     SMOFGates(ours, example, rings=True, channels=True, per_axis=per_axis, weight="latency",
               latency_cache=cache, latency_channel_step=s["channel_step"])
     _train_gated(ours, sub, s, seed)
+    ring_values = torch.cat([m.gates.detach().abs().flatten() for m in ours.modules() if isinstance(m, RingGate)])
+    chan_values = torch.cat([m.gates.detach().abs().flatten() for m in ours.modules() if isinstance(m, ChannelGate)])
     counts = smof_threshold(ours, s["tau"])
     recalibrate_bn(ours, calib)
     res_ours = _slim(ours, example, per_axis)
@@ -178,6 +180,8 @@ def run_seed(seed: int, data: Data, s: dict[str, Any]) -> dict[str, float]:
         "baseline_model_ms": model_latency(res_base.graph, s["runs"]),
         "dense_model_ms": model_latency(gp.trace(dense, example), s["runs"]),
         "ours_rings_zeroed": counts["rings"],
+        "ours_ring_gate_median": float(ring_values.median()),
+        "ours_channel_gate_median": float(chan_values.median()),
         "ours_channels_zeroed": counts["channels"],
         "baseline_channels_zeroed": k,
         "ours_macs_ratio": gp.graph_cost(res_ours.graph).macs / gp.graph_cost(gp.trace(dense, example)).macs,
