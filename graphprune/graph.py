@@ -258,18 +258,20 @@ class Graph:
     def example_inputs(self) -> list[torch.Tensor]:
         return self.frontend.example_inputs()
 
-    def run_masked(self, inputs: Sequence[torch.Tensor], masks: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Run with each value named in ``masks`` multiplied by its (broadcast) mask as it
-        is computed.  Optional frontend capability (fx has it): raises :class:`GraphError`
-        when the frontend cannot; see :attr:`can_run_masked`."""
-        fn = getattr(self.frontend, "run_masked", None)
+    def masked_runner(self, inputs: Sequence[torch.Tensor]) -> Any:
+        """A callable ``runner(masks, k) -> outputs`` that runs ``k`` replicas of the batch
+        ``inputs`` with each value named in ``masks`` multiplied by its mask (``k*B`` rows,
+        broadcast) as it is computed; ``runner.outputs()`` are the unmasked outputs.
+        Optional frontend capability (fx has it): raises :class:`GraphError` when the
+        frontend cannot; see :attr:`can_run_masked`."""
+        fn = getattr(self.frontend, "masked_runner", None)
         if fn is None:
             raise GraphError(f"the {self.frontend.name} frontend cannot mask values while running")
-        return fn(list(inputs), masks)
+        return fn(list(inputs))
 
     @property
     def can_run_masked(self) -> bool:
-        return hasattr(self.frontend, "run_masked")
+        return hasattr(self.frontend, "masked_runner")
 
     def gradients(self, inputs: Sequence[torch.Tensor], loss: Any, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Gradients of ``loss(outputs)`` w.r.t. parameters ``keys`` (eval mode).  Optional

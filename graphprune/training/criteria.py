@@ -25,15 +25,23 @@ Batched evaluation.  Pruning class ``c`` makes every tensor value of the class z
 channel ``c`` (producers' filters, norms' scales and shifts are zeroed; consumers'
 columns are zeroed, so what they read there no longer matters; every op on the way is
 per channel).  So on a frontend that can mask values while running (fx:
-:meth:`Graph.run_masked`) ``K`` classes are scored in one forward pass: the proxy batch
-is replicated ``K`` times and replica ``k`` has class ``k``'s channels multiplied by 0
-at every port of the class.  On other frontends (ONNX) each class is one run of the
-projected reference.  Cost: ``n_classes * B`` image evaluations either way (``B`` proxy
-samples), in ``n_classes * B / rows`` forward passes of ``rows`` samples
-(``rows=512`` by default), plus one unmasked pass.  ResNet-50 at 224x224 (about 26k
-classes in prunable groups... counted over all groups) with ``B = 8``: about 210k image
-evaluations, i.e. 4 GMAC x 210k = 0.9 PMAC — minutes on a GPU, hours on a 2-core CPU;
-use a smaller proxy resolution or ``B`` there.  Small models score in seconds.
+:meth:`Graph.masked_runner`) ``K`` classes are scored in one forward pass: the proxy
+batch is replicated ``K`` times and replica ``k`` has class ``k``'s channels multiplied
+by 0 at every port of the class.  The part of the graph before the group's first port
+is not affected by the masks, so it runs once per proxy batch and only the suffix runs
+on the replicas.  On other frontends (ONNX) each class is one run of the projected
+reference (a test checks both give the same scores).
+
+Cost: one unmasked pass, then for every class ``B`` sample evaluations of the graph
+suffix that starts at its group's first port (``B`` proxy samples), in passes of
+``rows`` (default 512) replicated samples; memory: every intermediate value of the
+proxy batch plus one pass of ``rows`` samples.  ResNet-50 at 224x224 has about 26k
+classes; with ``B = 8`` that is about 210k sample evaluations of suffixes averaging
+roughly half the network's 4.1 GMAC, ~0.4 PMAC: minutes on a GPU, hours on a 2-core
+CPU (there, score at a lower proxy resolution or with a smaller ``B``).  The small
+residual nets of ``benchmarks/seeds`` (~150 classes, ``B = 64``) score in seconds to a
+minute on one core.  Measured (one thread): torchvision ResNet-18 at 32x32, ``B = 4``,
+2880 classes in 3.0 s of CPU time; 11.6 s when every replica runs the whole graph.
 
 Taylor.  First-order estimate of the loss change when class ``c``'s slices are zeroed::
 
@@ -189,21 +197,22 @@ def kl_importance(data: Any, rows: int = 512) -> Any:
 
     cache: dict[str, Any] = {}
 
-    def prepared(graph: Graph) -> tuple[list[CalibrationBatch], list[torch.Tensor], set[str]]:
+    def prepared(graph: Graph) -> tuple[list[CalibrationBatch], list[torch.Tensor], list[Any], set[str]]:
         if cache.get("graph") is not graph:
             batches = calibration_batches(data, graph)
-            cache.update(graph=graph, batches=batches, base=[run_batch(graph, b.inputs)[0] for b in batches],
-                         batched=_batched_values(graph))
-        return cache["batches"], cache["base"], cache["batched"]
+            runners = [graph.masked_runner(b.inputs) for b in batches] if graph.can_run_masked else []
+            base = [r.outputs()[0] for r in runners] if runners else [run_batch(graph, b.inputs)[0] for b in batches]
+            cache.update(graph=graph, batches=batches, base=base, runners=runners, batched=_batched_values(graph))
+        return cache["batches"], cache["base"], cache["runners"], cache["batched"]
 
     def score(graph: Graph, group: PruningGroup) -> np.ndarray:
-        batches, base, batched = prepared(graph)
+        batches, base, runners, batched = prepared(graph)
         classes = np.nonzero(group.prunable)[0]
         total = np.zeros(group.n_classes)
         n = sum(int(b.inputs[0].shape[0]) for b in batches)
-        if _maskable(graph, group, batched):
-            for batch, logits in zip(batches, base):
-                total += _kl_masked(graph, group, classes, batch, logits, batched, rows)
+        if runners and _maskable(graph, group, batched):
+            for batch, logits, runner in zip(batches, base, runners):
+                total += _kl_masked(graph, group, classes, batch, logits, runner, batched, rows)
         else:
             for c in classes:
                 keep = np.ones(group.n_classes, bool)
@@ -218,7 +227,7 @@ def kl_importance(data: Any, rows: int = 512) -> Any:
 
 
 def _kl_masked(graph: Graph, group: PruningGroup, classes: np.ndarray, batch: CalibrationBatch,
-               logits: torch.Tensor, batched: set[str], rows: int) -> np.ndarray:
+               logits: torch.Tensor, runner: Any, batched: set[str], rows: int) -> np.ndarray:
     """KL sums of ``classes`` on one batch, ``rows // B`` classes per forward pass."""
     b = int(batch.inputs[0].shape[0])
     k_max = max(1, rows // b)
@@ -234,8 +243,7 @@ def _kl_masked(graph: Graph, group: PruningGroup, classes: np.ndarray, batch: Ca
             rank = len(graph.shape(port.value) or ()) or 2
             m = m.reshape(k * b, *([1] * (port.axis - 1)), m.shape[1], *([1] * (rank - port.axis - 1)))
             masks[port.value] = masks[port.value] * m if port.value in masks else m
-        inputs = [x.repeat((k,) + (1,) * (x.dim() - 1)) for x in batch.inputs]
-        masked = graph.run_masked(inputs, masks)[0]
+        masked = runner(masks, k)[0]
         out[chunk.numpy()] = _kl_rows(masked, logits, k).numpy()
     return out
 
