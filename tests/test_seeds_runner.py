@@ -59,6 +59,14 @@ def test_runner_checks_the_method_contract(tmp_path, monkeypatch: pytest.MonkeyP
     res = json.load(open(out))
     assert res["ours"] == [0.5, 1.5] and res["baseline"] == [0.5, 0.5] and res["extra"] == [1.0, 1.0]
     assert res["settings"] == {"a": 2} and res["baseline_name"] == "b" and res["metric"] == "test_accuracy"
+    second = str(tmp_path / "g.json")
+    run.main(["--method", "fake_method", "--dataset", "digits", "--seeds", "1", "--first-seed", "5", "--tiny", "--json", second])
+    merged = str(tmp_path / "m.json")
+    assert run.main(["--merge", out, second, "--json", merged]) == 0
+    res = json.load(open(merged))
+    assert res["seeds"] == [0, 1, 5] and res["ours"] == [0.5, 1.5, 5.5] and res["extra"] == [1.0, 1.0, 1.0]
+    with pytest.raises(SystemExit, match="already present"):
+        run.main(["--merge", out, out, "--json", merged])
     fake.run_seed = lambda seed, data, s: {"ours": 1.0}
     with pytest.raises(SystemExit, match="must return `ours` and `baseline`"):
         run.main(["--method", "fake_method", "--dataset", "digits", "--seeds", "1", "--json", out])

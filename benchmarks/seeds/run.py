@@ -13,6 +13,10 @@ imports ``benchmarks/seeds/methods/NAME.py``, which defines
 and writes ``{"method", "metric", "ours": [...], "baseline": [...], "baseline_name",
 "settings", <arm>: [...], "dataset", "seeds", "seconds"}`` (one value per seed in
 every list), then prints mean ± std (sample std, n-1) per arm.
+
+``run.py --merge A.json B.json ... --json OUT.json`` joins runs of the same method,
+dataset and settings made on different seeds (e.g. in parallel processes with
+``--first-seed``) and prints the table of the union.
 """
 from __future__ import annotations
 
@@ -58,8 +62,9 @@ def format_table(out: dict[str, Any], arms: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", required=True)
-    ap.add_argument("--dataset", required=True, help="fashion-mnist | digits | npz:PATH")
+    ap.add_argument("--method")
+    ap.add_argument("--dataset", help="fashion-mnist | digits | npz:PATH")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="join the per-seed results of these files")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--json", required=True, help="where to write the results")
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
+    if not args.method or not args.dataset:
+        ap.error("--method and --dataset are required (unless --merge)")
 
     torch.set_num_threads(args.threads)
     mod = importlib.import_module(f"benchmarks.seeds.methods.{args.method}")
@@ -104,6 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     order = ["ours", "baseline"] + [a for a in arms if a not in ("ours", "baseline")]
     _write(args.json, out)
     print(f"\n{args.method} on {args.dataset}, {len(out['seeds'])} seeds (baseline: {mod.BASELINE_NAME})")
+    print(format_table(out, order))
+    return 0
+
+
+def merge(paths: list[str], dst: str) -> int:
+    """Join per-seed results of runs with the same method, dataset and settings."""
+    runs = [json.load(open(p)) for p in paths]
+    head = runs[0]
+    out: dict[str, Any] = {k: head[k] for k in ("method", "metric", "dataset", "baseline_name", "settings")}
+    out["seeds"], out["merged_from"] = [], list(paths)
+    arms: list[str] = []
+    for path, r in zip(paths, runs):
+        for key in ("method", "dataset", "settings"):
+            if r[key] != head[key]:
+                raise SystemExit(f"{path}: {key} differs from {paths[0]}")
+        dup = set(r["seeds"]) & set(out["seeds"])
+        if dup:
+            raise SystemExit(f"{path}: seeds {sorted(dup)} already present")
+        out["seeds"] += r["seeds"]
+        for arm, values in r.items():
+            if isinstance(values, list) and arm not in ("seeds", "merged_from") and len(values) == len(r["seeds"]):
+                if arm not in arms:
+                    arms.append(arm)
+                out.setdefault(arm, []).extend(values)
+    _write(dst, out)
+    order = ["ours", "baseline"] + [a for a in arms if a not in ("ours", "baseline")]
+    print(f"{out['method']} on {out['dataset']}, seeds {out['seeds']} (baseline: {out['baseline_name']})")
     print(format_table(out, order))
     return 0
 
