@@ -36,16 +36,24 @@ def kept_indices(group: PruningGroup, keep: np.ndarray) -> dict[Port, np.ndarray
 
 
 def channel_projection(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int, np.ndarray]) -> Projection:
+    """The projection zeroing every parameter slice of the removed classes."""
     proj = Projection()
     for group in analysis.groups:
-        if group.id not in keep:
-            continue
-        for port, idx in kept_indices(group, keep[group.id]).items():
-            removed_list = np.setdiff1d(np.arange(group.sizes[port]), idx).tolist()
-            for m in group.members[port]:
-                for role, axis in m.coupling.slices:
-                    key = m.node.params[role]
-                    proj.zero(key, tuple(graph.param(key).shape), axis, removed_list)
+        if group.id in keep:
+            group_projection(graph, group, keep[group.id], proj)
+    return proj
+
+
+def group_projection(graph: Graph, group: PruningGroup, keep: np.ndarray, proj: Projection | None = None) -> Projection:
+    """Add to ``proj`` (or a new projection) the zeroed slices of ``group``'s removed
+    classes (``keep`` False): the same slices :func:`remove_channels` deletes."""
+    proj = Projection() if proj is None else proj
+    for port, idx in kept_indices(group, keep).items():
+        removed_list = np.setdiff1d(np.arange(group.sizes[port]), idx).tolist()
+        for m in group.members[port]:
+            for role, axis in m.coupling.slices:
+                key = m.node.params[role]
+                proj.zero(key, tuple(graph.param(key).shape), axis, removed_list)
     return proj
 
 

@@ -258,6 +258,29 @@ class Graph:
     def example_inputs(self) -> list[torch.Tensor]:
         return self.frontend.example_inputs()
 
+    def masked_runner(self, inputs: Sequence[torch.Tensor]) -> Any:
+        """A callable ``runner(masks, k) -> outputs`` that runs ``k`` replicas of the batch
+        ``inputs`` with each value named in ``masks`` multiplied by its mask (``k*B`` rows,
+        broadcast) as it is computed; ``runner.outputs()`` are the unmasked outputs.
+        Optional frontend capability (fx has it): raises :class:`GraphError` when the
+        frontend cannot; see :attr:`can_run_masked`."""
+        fn = getattr(self.frontend, "masked_runner", None)
+        if fn is None:
+            raise GraphError(f"the {self.frontend.name} frontend cannot mask values while running")
+        return fn(list(inputs))
+
+    @property
+    def can_run_masked(self) -> bool:
+        return hasattr(self.frontend, "masked_runner")
+
+    def gradients(self, inputs: Sequence[torch.Tensor], loss: Any, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Gradients of ``loss(outputs)`` w.r.t. parameters ``keys`` (eval mode).  Optional
+        frontend capability (fx has it; an ONNX graph cannot be differentiated)."""
+        fn = getattr(self.frontend, "gradients", None)
+        if fn is None:
+            raise GraphError(f"the {self.frontend.name} frontend cannot compute gradients (capture the PyTorch model instead)")
+        return fn(list(inputs), loss, list(keys))
+
     def random_inputs(self, seed: int = 0) -> list[torch.Tensor]:
         """The seeded default check inputs, shaped and typed like the example inputs:
         standard normal for data, zeros for recurrent state, ones for masks, suggested or

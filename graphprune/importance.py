@@ -11,12 +11,18 @@ member's norms are divided by their mean first (``s_c = sum_m n_mc / mean_c' n_m
 * ``bn_scale``: ``|gamma|`` of every batch/group norm on the class (network slimming);
   falls back to ``l1`` for classes with no normalisation.
 
-Later criteria (Taylor, KL divergence) implement the same interface and register in
-``CRITERIA``.
+Data-driven criteria need calibration data (``gp.run(graph, pipeline, data=...)``); they
+live in :mod:`graphprune.training.criteria` (torch-heavy, imported on first use):
+
+* ``kl``: KL(p_pruned || p) of the softmax outputs when the class alone is pruned (CURL);
+* ``taylor``: ``|sum g*w|`` over the class's parameter slices (first-order loss change).
+
+Their scores are comparable across groups, so a global ranking does not normalise them
+by the group mean (the score function carries ``comparable = True``).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -71,15 +77,39 @@ def bn_scale(graph: Graph, group: PruningGroup) -> np.ndarray:
     return scores
 
 
-CRITERIA: dict[str, Callable[[], Importance]] = {
+def _kl(data: Any) -> Importance:
+    from .training.criteria import kl_importance
+
+    return kl_importance(data)
+
+
+def _taylor(data: Any) -> Importance:
+    from .training.criteria import taylor_importance
+
+    return taylor_importance(data)
+
+
+CRITERIA: dict[str, Callable[..., Importance]] = {
     "l1": lambda: magnitude(1),
     "l2": lambda: magnitude(2),
     "bn_scale": lambda: bn_scale,
+    "kl": _kl,
+    "taylor": _taylor,
 }
+DATA_CRITERIA: frozenset[str] = frozenset({"kl", "taylor"})
+"""Criteria whose factory takes the calibration data."""
 
 
-def get_importance(name: str) -> Importance:
-    try:
-        return CRITERIA[name]()
-    except KeyError:
-        raise ValueError(f"unknown criterion `{name}` (known: {', '.join(sorted(CRITERIA))})") from None
+def needs_data(name: str) -> bool:
+    return name in DATA_CRITERIA
+
+
+def get_importance(name: str, data: Any = None) -> Importance:
+    """The criterion ``name``; data-driven criteria get ``data`` (required)."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion `{name}` (known: {', '.join(sorted(CRITERIA))})")
+    if name in DATA_CRITERIA:
+        if data is None:
+            raise ValueError(f"criterion `{name}` needs calibration data")
+        return CRITERIA[name](data)
+    return CRITERIA[name]()

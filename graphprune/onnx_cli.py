@@ -94,6 +94,9 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lossless", action="store_true",
                    help="run every pass at its lossless setting (remove only structure that is already zero)")
     _shape_args(p)
+    p.add_argument("--calibration", metavar="FILE.npz",
+                   help="calibration data for data-driven criteria (criterion=kl|taylor): arrays named by model "
+                        "input, optionally `labels`")
     p.add_argument("--report", metavar="FILE", help="write per-layer channels, MACs and params before/after as JSON")
     p.add_argument("--check", type=int, default=3, metavar="N",
                    help="probe inputs to compare on the written file (0: no checks at all)")
@@ -113,6 +116,25 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="the ONNX model to inspect")
     _shape_args(p)
     p.add_argument("--ignore", action="append", default=[], metavar="NODE", help="node names whose channels must stay")
+
+
+def load_calibration(path: str, graph: Graph) -> dict[str, np.ndarray]:
+    """Read ``--calibration FILE.npz``: one array per model input (named as the input,
+    batch on axis 0), and optionally ``labels`` (integer class per sample)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such calibration file: `{path}`")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise GraphError(f"--calibration `{path}` is not a readable .npz file: {exc}") from None
+    missing = [n for n in graph.inputs if n not in arrays]
+    if missing:
+        raise GraphError(
+            f"--calibration `{path}` has arrays {sorted(arrays)} but the model inputs are "
+            f"{', '.join(graph.inputs)}; name one array per input (missing: {', '.join(missing)})"
+        )
+    return {k: v for k, v in arrays.items() if k in graph.inputs or k == "labels"}
 
 
 # ------------------------------------------------------------------- optimize
@@ -150,7 +172,9 @@ def optimize(args: argparse.Namespace) -> int:
             bar.set_description(p.spec())
             bar.update(1)
 
-        manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless, check_inputs=samples)
+        data = load_calibration(args.calibration, graph) if args.calibration else None
+        manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless,
+                              check_inputs=samples, data=data)
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
         check = _Check(args, graph, result, samples)

@@ -54,11 +54,14 @@ class Pass:
     """Base class: subclasses set ``name`` and implement :meth:`call`."""
 
     name: ClassVar[str] = ""
+    uses_data: ClassVar[bool] = False
+    """A pass that can use calibration data sets this; its ``call`` takes ``data=``."""
 
-    def __call__(self, graph: Graph) -> PassResult:
+    def __call__(self, graph: Graph, data: Any = None) -> PassResult:
         self.validate()
         self.requires(graph)
-        result = self.call(graph)
+        self.requires_data(data)
+        result = self.call(graph, data=data) if self.uses_data else self.call(graph)  # type: ignore[call-arg]
         result.pass_name = self.name
         self.ensures(result)
         return result
@@ -70,6 +73,10 @@ class Pass:
         """Precondition on the input graph."""
         if not graph.nodes:
             raise GraphError(f"{self.name}: the graph is empty")
+
+    def requires_data(self, data: Any) -> None:
+        """Precondition on the calibration data (``None`` when none was given): raise
+        :class:`PassOptionError` when the options need data that is missing."""
 
     def call(self, graph: Graph) -> PassResult:
         raise NotImplementedError

@@ -155,17 +155,20 @@ class PassManager:
     or two default probes.  ``rtol`` None measures the tolerance per model from the
     reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
     is used as is.  ``lossless`` sets every pass that has the option to its lossless
-    setting.
+    setting; ``data`` (calibration batches, see
+    :func:`graphprune.training.criteria.calibration_batches`) goes to every pass that
+    uses data (``Pass.uses_data``), e.g. ``prune-channels{criterion=kl}``.
     """
 
     def __init__(
         self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
-        check_inputs: CheckInputs | None = None,
+        check_inputs: CheckInputs | None = None, data: Any = None,
     ) -> None:
         self.passes = [_with_lossless(p) if lossless else p for p in passes]
         self.verify = verify
         self.rtol = rtol
         self.check_inputs = check_inputs
+        self.data = data
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         results, timings, checks = [], [], []
@@ -173,7 +176,7 @@ class PassManager:
         current = graph
         for p in self.passes:
             start = time.perf_counter()
-            result = p(current)
+            result = p(current, data=self.data)
             timings.append(time.perf_counter() - start)
             logger.info("%s: %s in %.2fs", p.spec(), "modified" if result.modified else "no change", timings[-1])
             check = None
@@ -197,11 +200,13 @@ def _with_lossless(p: Pass) -> Pass:
 
 
 def run(
-    graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, verify: bool = True, lossless: bool = False,
-    rtol: float | None = None, check_inputs: CheckInputs | None = None,
+    graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
+    lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None,
 ) -> PipelineResult:
     """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
 
+    ``data`` is calibration data for passes that use it (a batch tensor, ``(x, labels)``,
+    a mapping of input name to array, or an iterable of those, e.g. a ``DataLoader``).
     ``check_inputs`` are the inputs to verify on (an ``.npz`` path, a mapping name ->
     array with samples along a leading axis, or a list of samples; see
     :mod:`graphprune.probes`), default two probes; ``rtol`` None measures the tolerance
@@ -213,4 +218,4 @@ def run(
         passes = [pipeline]
     else:
         passes = list(pipeline)
-    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs).run(graph)
+    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data).run(graph)

@@ -4,7 +4,12 @@ Convolution").
 
 Decide.  For each eligible conv with weight ``W`` (``F x C x k...``) the pair scores
 ``S_fc`` (``l2``/``l1`` norm of the kernel slice, or the first-order Taylor score
-``|<W_fc, dL/dW_fc>|`` with ``criterion=taylor`` and ``gradients={weight key: dL/dW}``)
+``|<W_fc, dL/dW_fc>|`` with ``criterion=taylor``: from calibration data,
+``gp.run(graph, "group-convs{criterion=taylor,...}", data=batches)``, accumulated per batch as
+``S_fc = sum_b |<W_fc, dL_b/dW_fc>|`` (:func:`taylor_pair_scores`); or from precomputed
+scores, ``scores={weight key: S (F x C)}`` (:func:`graphprune.training.gconv.taylor_scores`
+computes the same on a model); or ``gradients={weight key: dL/dW}``, scored
+``|<W_fc, sum_b dL_b/dW_fc>|``)
 are normalised to sum 1, and for every candidate group count ``G`` (a common divisor of
 ``F`` and ``C``) :mod:`graphprune.blockperm` finds row and column labellings whose
 ``G`` diagonal blocks hold as much score mass as it can; ``cost(G) = 1 - kept(G)``.
@@ -57,11 +62,12 @@ their order, so their grouped convs get gathers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +81,7 @@ from graphprune.graph import Graph, Node, Port
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
 
-__all__ = ["GroupConvs", "accumulate_gradients", "search_groups"]
+__all__ = ["GroupConvs", "accumulate_gradients", "search_groups", "taylor_pair_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +165,7 @@ class GroupConvs(Pass):
     neighbouring layers (see the module docstring for the cases handled and refused)."""
 
     name = "group-convs"
+    uses_data: ClassVar[bool] = True
     groups: int | None = None
     budget: float | None = None
     budget_unit: str = "params"
@@ -170,14 +177,15 @@ class GroupConvs(Pass):
     fold: bool = True
     ignore: tuple[str, ...] = ()
     gradients: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    scores: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def spec(self) -> str:
-        """Pipeline syntax; ``gradients`` (tensors) has none and is left out."""
-        if self.gradients is None:
+        """Pipeline syntax; ``gradients`` and ``scores`` (tensors) have none and are left out."""
+        if self.gradients is None and self.scores is None:
             return super().spec()
         import dataclasses
 
-        return dataclasses.replace(self, gradients=None).spec()
+        return dataclasses.replace(self, gradients=None, scores=None).spec()
 
     def validate(self) -> None:
         n = self.name
@@ -199,11 +207,26 @@ class GroupConvs(Pass):
             raise PassOptionError(f"{n}: ns must be at least 1, got {self.ns}")
         if self.criterion not in blockperm.CRITERIA:
             raise PassOptionError(f"{n}: unknown criterion `{self.criterion}` (known: {', '.join(blockperm.CRITERIA)})")
-        if self.criterion == "taylor" and self.gradients is None:
-            raise PassOptionError(f"{n}: criterion=taylor needs gradients={{weight key: dL/dW}} (see accumulate_gradients)")
+        if self.scores is not None and self.criterion != "taylor":
+            raise PassOptionError(f"{n}: scores= are Taylor pair scores; they need criterion=taylor")
+
+    def requires_data(self, data: Any) -> None:
+        if self.criterion == "taylor" and self.gradients is None and self.scores is None and data is None \
+                and not self.lossless:
+            raise PassOptionError(
+                f"{self.name}: criterion=taylor needs gradients={{weight key: dL/dW}} (see accumulate_gradients), "
+                "scores={weight key: F x C Taylor pair scores} (see graphprune.training.gconv.taylor_scores) "
+                "or calibration data: gp.run(graph, pipeline, data=batch_or_loader)"
+            )
 
     # ------------------------------------------------------------------ call
-    def call(self, graph: Graph) -> PassResult:
+    def call(self, graph: Graph, data: Any = None) -> PassResult:
+        if self.criterion == "taylor" and self.gradients is None and self.scores is None:
+            if data is None:  # lossless: the decision needs no scores; they only grade the kept mass
+                return dataclasses.replace(self, criterion="l2").call(graph)
+            scores = taylor_pair_scores(graph, data, [n for n in graph.nodes if n.kind == "conv"
+                                                      and int(n.attrs.get("groups", 1)) == 1 and "weight" in n.params])
+            return dataclasses.replace(self, scores=scores).call(graph)
         layers = self._layers(graph)
         chosen = self._decide(graph, layers)
         work = graph.copy()
@@ -245,13 +268,23 @@ class GroupConvs(Pass):
         key = node.params["weight"]
         w = graph.param(key).detach().double().numpy()
         grad = None
-        if self.criterion == "taylor":
+        given = None
+        if self.criterion == "taylor" and self.scores is not None:
+            if key not in self.scores:
+                raise PassOptionError(f"{self.name}: criterion=taylor has no scores for `{key}` ({node})")
+            given = np.abs(np.asarray(torch.as_tensor(self.scores[key]).detach().double().cpu().numpy()))
+            if given.shape != w.shape[:2]:
+                raise PassOptionError(f"{self.name}: scores for `{key}` have shape {given.shape}, expected {w.shape[:2]}")
+        elif self.criterion == "taylor":
             if key not in self.gradients:  # type: ignore[operator]
                 raise PassOptionError(f"{self.name}: criterion=taylor has no gradient for `{key}` ({node})")
             grad = self.gradients[key].detach().double().numpy()  # type: ignore[index]
         bias_key = node.params.get("bias")
         magnitude = blockperm.pair_scores(w, "l2")
-        scores = magnitude if self.criterion == "l2" else blockperm.pair_scores(w, self.criterion, grad)
+        if given is not None:
+            scores = given
+        else:
+            scores = magnitude if self.criterion == "l2" else blockperm.pair_scores(w, self.criterion, grad)
         return _Layer(
             node, key, bias_key, w.shape[0], w.shape[1], node_macs(graph, node), int(w.size),
             int(graph.param(bias_key).numel()) if bias_key else 0,
@@ -713,6 +746,39 @@ def _records(plan: RewritePlan) -> list[dict[str, Any]]:
 
 def _identity(layer: _Layer, groups: int) -> tuple[np.ndarray, np.ndarray]:
     return blockperm.identity_labels(layer.filters, groups), blockperm.identity_labels(layer.channels, groups)
+
+
+# ============================================================ taylor from data
+def taylor_pair_scores(graph: Graph, data: Any, convs: Sequence[Node]) -> dict[str, torch.Tensor]:
+    """``{weight key: S (F x C)}`` with ``S_fc = sum_b |sum_taps W_fc * dL_b/dW_fc|`` over the
+    calibration batches ``b`` of ``data`` (see
+    :func:`graphprune.training.criteria.calibration_batches` for the accepted forms).
+    ``L_b`` is the batch-mean cross-entropy of the first output when the batch has labels,
+    else the batch mean of the output's squared norm; the graph runs in eval mode (the
+    frontend must differentiate: fx).  Under ``torch.distributed`` the scores are averaged
+    over ranks, so every rank takes the same decision."""
+    import torch.nn.functional as F
+
+    from graphprune.training import distributed
+    from graphprune.training.criteria import calibration_batches
+
+    keys = sorted({n.params["weight"] for n in convs})
+    scores = {k: torch.zeros(graph.param(k).shape[:2], dtype=torch.float64) for k in keys}
+
+    def loss(outputs: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        out = outputs[0]
+        if labels is not None:
+            return F.cross_entropy(out.reshape(len(labels), -1), labels)
+        return out.pow(2).reshape(out.shape[0], -1).sum(1).mean()
+
+    for batch in calibration_batches(data, graph):
+        grads = graph.gradients(batch.inputs, lambda outs, lab=batch.labels: loss(outs, lab), keys)
+        for k in keys:
+            prod = graph.param(k).double() * grads[k].double()
+            scores[k] += prod.flatten(2).sum(-1).abs()
+    for k in keys:
+        distributed.mean_(scores[k])
+    return scores
 
 
 # ============================================================ training-time helper

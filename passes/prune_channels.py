@@ -13,6 +13,13 @@ lowest-scoring classes are removed to meet the target:
   score order;
 * ``lossless=true`` — remove only classes that are provably zero in the input model.
 
+Data-driven criteria (``criterion=kl``, ``criterion=taylor``; see
+:mod:`graphprune.training.criteria`) need calibration data, passed as
+``gp.run(graph, pipeline, data=...)`` (CLI: ``--calibration FILE.npz``); without it the
+pass refuses with :class:`PassOptionError`.  Their scores are comparable across groups,
+so a global ranking uses them as they are (magnitude criteria are divided by their
+group's mean first).
+
 ``round_to`` keeps each group's kept class count a multiple of N, ``min_keep`` keeps at
 least that many classes per group, ``ignore`` names layers whose channels stay.
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,7 +46,7 @@ from graphprune.channels import channel_projection, kept_indices, provably_zero_
 from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
-from graphprune.importance import CRITERIA, get_importance
+from graphprune.importance import CRITERIA, Importance, get_importance, needs_data
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 
 __all__ = ["PruneChannels"]
@@ -52,6 +60,7 @@ class PruneChannels(Pass):
     """Remove the least important channel classes of every pruning group."""
 
     name = "prune-channels"
+    uses_data: ClassVar[bool] = True
     ratio: float | None = None
     macs: float | None = None
     scope: str = "group"
@@ -77,10 +86,17 @@ class PruneChannels(Pass):
         if self.round_to < 1 or self.min_keep < 1:
             raise PassOptionError(f"{self.name}: round_to and min_keep must be at least 1")
 
+    def requires_data(self, data: Any) -> None:
+        if data is None and not self.lossless and needs_data(self.criterion):
+            raise PassOptionError(
+                f"{self.name}: criterion `{self.criterion}` needs calibration data: "
+                "gp.run(graph, pipeline, data=batch_or_loader), or --calibration FILE.npz on the command line"
+            )
+
     # ------------------------------------------------------------------ call
-    def call(self, graph: Graph) -> PassResult:
+    def call(self, graph: Graph, data: Any = None) -> PassResult:
         analysis = analyse(graph, ignore=self.ignore)
-        keep = self.decide(graph, analysis)
+        keep = self.decide(graph, analysis, data)
         keep = {gid: k for gid, k in keep.items() if not k.all()}
         projection = channel_projection(graph, analysis, keep)
         work = graph.copy()
@@ -104,22 +120,27 @@ class PruneChannels(Pass):
         return out
 
     # ---------------------------------------------------------------- decide
-    def decide(self, graph: Graph, analysis: CouplingAnalysis) -> dict[int, np.ndarray]:
+    def decide(self, graph: Graph, analysis: CouplingAnalysis, data: Any = None) -> dict[int, np.ndarray]:
         """Per group, a keep mask over its channel classes; every port keeps a channel."""
         groups = {g.id: g for g in analysis.groups}
-        keep = self._decide(graph, analysis)
+        keep = self._decide(graph, analysis, data)
         return {gid: _keep_every_port(groups[gid], k) for gid, k in keep.items()}
 
-    def _decide(self, graph: Graph, analysis: CouplingAnalysis) -> dict[int, np.ndarray]:
+    def importance(self, data: Any = None) -> Importance:
+        """The score function of ``criterion`` (data-driven ones on ``data``)."""
+        return get_importance(self.criterion, data)
+
+    def _decide(self, graph: Graph, analysis: CouplingAnalysis, data: Any = None) -> dict[int, np.ndarray]:
         if self.lossless:
             return {g.id: ~provably_zero_classes(graph, g) for g in analysis.groups if g.prunable.any()}
-        score_fn = get_importance(self.criterion)
+        score_fn = self.importance(data)
         scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
         groups = {g.id: g for g in analysis.groups}
+        normalise = not getattr(score_fn, "comparable", False)
         if self.macs is not None:
-            return self._decide_macs(graph, analysis, scores)
+            return self._decide_macs(graph, analysis, scores, normalise)
         if self.scope == "global":
-            order = self._global_order(groups, scores)
+            order = self._global_order(groups, scores, normalise)
             total = sum(int(groups[gid].prunable.sum()) for gid in scores)
             return self._cut(groups, order, math.floor(self.ratio * total))  # type: ignore[operator]
         keep = {}
@@ -140,13 +161,16 @@ class PruneChannels(Pass):
             kept = min(g.n_classes, int(math.ceil(kept / self.round_to) * self.round_to))
         return max(g.n_classes - kept, 0)
 
-    def _global_order(self, groups: dict[int, PruningGroup], scores: dict[int, np.ndarray]) -> list[tuple[int, int]]:
-        """All prunable (group, class) pairs, least important first (group-mean normalised)."""
+    def _global_order(
+        self, groups: dict[int, PruningGroup], scores: dict[int, np.ndarray], normalise: bool = True
+    ) -> list[tuple[int, int]]:
+        """All prunable (group, class) pairs, least important first (scores divided by
+        their group's mean unless the criterion's scores are comparable across groups)."""
         items = []
         for gid, s in scores.items():
             g = groups[gid]
             cand = np.nonzero(g.prunable)[0]
-            mean = float(s[cand].mean()) if len(cand) else 1.0
+            mean = float(s[cand].mean()) if len(cand) and normalise else 1.0
             norm = s / (mean if mean > 0 else 1.0)
             items.extend((float(norm[c]), gid, int(c)) for c in cand)
         items.sort()
@@ -166,11 +190,13 @@ class PruneChannels(Pass):
             keep[gid] = _keep_every_port(g, k)
         return keep
 
-    def _decide_macs(self, graph: Graph, analysis: CouplingAnalysis, scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def _decide_macs(
+        self, graph: Graph, analysis: CouplingAnalysis, scores: dict[int, np.ndarray], normalise: bool = True
+    ) -> dict[int, np.ndarray]:
         groups = {g.id: g for g in analysis.groups}
         base = graph_cost(graph, with_params=False).macs
         target = self.macs * base  # type: ignore[operator]
-        order = self._global_order(groups, scores)
+        order = self._global_order(groups, scores, normalise)
 
         def macs_after(n: int) -> int:
             keep = self._cut(groups, order, n)

@@ -379,7 +379,6 @@ def test_conv_output_as_model_output_is_not_grouped() -> None:
     ("group-convs{groups=2,max_groups=1}", "max_groups"),
     ("group-convs{groups=2,min_channels_per_group=0}", "min_channels_per_group"),
     ("group-convs{groups=2,criterion=l7}", "unknown criterion"),
-    ("group-convs{groups=2,criterion=taylor}", "needs gradients"),
     ("group-convs{groups=two}", "cannot take `two`"),
     ("group-convs{group=2}", "unknown option"),
 ])

@@ -482,6 +482,25 @@ class FxFrontend:
             out = self.gm(*inputs)
         return [t for t in _flatten_tensors(out)]
 
+    def masked_runner(self, inputs: Sequence[torch.Tensor]) -> "MaskedRunner":
+        """A runner over ``inputs`` (a batch of ``B`` rows) that evaluates ``k`` masked
+        replicas at once: see :class:`MaskedRunner`."""
+        self.gm.eval()
+        return MaskedRunner(self.gm, list(inputs))
+
+    def gradients(
+        self, inputs: Sequence[torch.Tensor], loss: Callable[[list[torch.Tensor]], torch.Tensor], keys: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
+        their running statistics); the module's own tensors are not touched."""
+        self.gm.eval()
+        params = {k: self.get_param(k).clone().requires_grad_(True) for k in keys}
+        with torch.enable_grad():
+            out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
+            value = loss(_flatten_tensors(out))
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
@@ -501,6 +520,92 @@ class FxFrontend:
         from ..emit import export_module_onnx
 
         export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
+
+
+class _MaskingInterpreter(fx.Interpreter):
+    """Multiplies the outputs of the nodes named in ``masks`` by their masks."""
+
+    def __init__(self, gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.masks = masks
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        mask = self.masks.get(n.name)
+        return out if mask is None else out * mask.to(out.dtype)
+
+
+class MaskedRunner:
+    """Evaluate ``k`` replicas of a batch with per-replica channel masks, sharing the
+    unmasked prefix of the graph.
+
+    The batch (``B`` rows) runs once unmasked and every node's output is kept.  A call
+    ``runner(masks, k)`` (masks: value name -> tensor with ``k*B`` rows, broadcast
+    against the value) re-runs only the suffix of the graph from the first masked node:
+    prefix values that the suffix reads are replicated ``k`` times along the batch axis.
+    A prefix value the suffix reads that is not a tensor but derives from the batch (a
+    ``size()``) moves the start back to that node, so shapes are recomputed on the
+    replicated batch.  Memory: every intermediate value of the ``B``-row batch.
+    """
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.batched: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.batched for a in n.all_input_nodes):
+                self.batched.add(n)
+        self.rows = int(inputs[0].shape[0]) if inputs else 0
+        self.inputs = inputs
+        with torch.no_grad():
+            rec = _RecordingInterpreter(gm)
+            self.base = rec.run(*inputs)
+        self.values = rec.values
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The unmasked outputs."""
+        return _flatten_tensors(self.base)
+
+    def _start(self, masked: set[str]) -> int:
+        start = min((self.order[n] for n in self.nodes if n.name in masked), default=len(self.nodes))
+        moved = True
+        while moved:
+            moved = False
+            for n in self.nodes[:start]:
+                if n not in self.batched or isinstance(self.values.get(n), torch.Tensor):
+                    continue
+                if any(self.order[u] >= start for u in n.users):
+                    start, moved = self.order[n], True
+                    break
+        return start
+
+    def __call__(self, masks: Mapping[str, torch.Tensor], k: int) -> list[torch.Tensor]:
+        start = self._start(set(masks))
+        env: dict[fx.Node, Any] = {}
+        for n in self.nodes[:start]:
+            value = self.values.get(n)
+            if (n in self.batched and isinstance(value, torch.Tensor) and k > 1
+                    and any(self.order[u] >= start for u in n.users)):
+                value = value.repeat((k,) + (1,) * (value.dim() - 1))
+            env[n] = value
+        with torch.no_grad():
+            # the placeholders are in the prefix (the env), so the inputs given here are unused
+            out = _MaskingInterpreter(self.gm, masks).run(*self.inputs, initial_env=env)
+        return _flatten_tensors(out)
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    """Runs the graph and keeps every node's output."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
 
 
 class _GatherIndex(nn.Module):

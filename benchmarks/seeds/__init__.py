@@ -1,0 +1,1 @@
+"""Seed-repeated evidence runs on real data (see run.py)."""
