@@ -153,7 +153,7 @@ class EarlyPruningIndicator:
         if isinstance(src, Graph):
             return src
         if isinstance(src, nn.Module):
-            from graphprune.fx_frontend import trace
+            from graphprune.frontends.capture import trace
 
             module = unwrap(src)
             if any(parametrize.is_parametrized(m) for m in module.modules()):
