@@ -137,8 +137,70 @@ def test_bn_scale_scores_and_l1_fallback() -> None:
 
 
 def test_unknown_criterion_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown criterion `l3`"):
+    with pytest.raises(ValueError, match=r"unknown criterion `l3` \(known: bn_scale, l1, l2\)"):
         get_importance("l3")
+
+
+def test_all_zero_member_adds_nothing() -> None:
+    """A member whose filters are all zero (mean 0) contributes zeros, not NaN."""
+    model, _ = build()
+    with torch.no_grad():
+        model.c1.weight.zero_()
+        model.bn1.weight.zero_()
+    graph = gp.trace(model, torch.randn(2, 3, 6, 6))
+    group, cls = group_and_channel(graph, "c0")
+    n0 = filter_norms(model.c0.weight, 1)
+    np.testing.assert_allclose(get_importance("l1")(graph, group)[cls], n0 / n0.mean(), rtol=1e-12)
+    g0 = np.abs(model.bn0.weight.detach().double().numpy())
+    np.testing.assert_allclose(get_importance("bn_scale")(graph, group)[cls], g0 / g0.mean(), rtol=1e-12)
+
+
+class ConcatNet(nn.Module):
+    """A concat of a normalised branch (``a`` + ``bn``) and a plain one (``b``), and a
+    per-channel layer scale (a constant the stream's group owns) on the joined stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.scale = nn.Parameter(torch.tensor([0.1, 4.0, 0.2, 3.0, 0.3, 2.0, 0.4]).view(1, 7, 1, 1))
+        self.fc = nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.bn(self.a(x)), self.b(x)], 1) * self.scale
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def concat_graph() -> tuple[ConcatNet, gp.Graph]:
+    torch.manual_seed(1)
+    model = ConcatNet().eval()
+    with torch.no_grad():
+        model.a.weight.copy_(signs((3, 3, 3, 3), 4) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1))
+        model.b.weight.copy_(signs((4, 3, 3, 3), 5) * torch.tensor([4.0, 1.0, 3.0, 2.0]).view(4, 1, 1, 1))
+        model.bn.weight.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    return model, gp.trace(model, torch.randn(2, 3, 6, 6))
+
+
+def test_concat_scores_with_a_per_channel_constant() -> None:
+    """l1 over a concat: each branch's filters fill its own channels, normalised per
+    branch; the layer scale (a constant, role `value`) adds |s_c| / mean |s| on every channel."""
+    model, graph = concat_graph()
+    group, cls = group_and_channel(graph, "cat")
+    na, nb = filter_norms(model.a.weight, 1), filter_norms(model.b.weight, 1)
+    s = np.abs(model.scale.detach().double().numpy().reshape(-1))
+    want = np.concatenate([na / na.mean(), nb / nb.mean()]) + s / s.mean()
+    np.testing.assert_allclose(get_importance("l1")(graph, group)[cls], want, rtol=1e-12)
+
+
+def test_bn_scale_mixes_gammas_and_l1_fallback_per_class() -> None:
+    """bn_scale on a concat: |gamma| / mean |gamma| where a norm covers the channel, l1
+    of the group's producers where none does."""
+    model, graph = concat_graph()
+    group, cls = group_and_channel(graph, "cat")
+    l1 = get_importance("l1")(graph, group)[cls]
+    g = np.abs(model.bn.weight.detach().double().numpy())
+    want = np.concatenate([g / g.mean(), l1[3:]])
+    np.testing.assert_allclose(get_importance("bn_scale")(graph, group)[cls], want, rtol=1e-12)
 
 
 # ------------------------------------------------------------- kept channels
