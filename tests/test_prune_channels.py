@@ -153,8 +153,18 @@ def test_bad_options(spec: str, message: str) -> None:
 
 
 def test_impossible_budget(sample_graph: gp.Graph) -> None:
-    with pytest.raises(gp.BudgetError, match="cannot reach macs=0.001"):
+    with pytest.raises(gp.BudgetError, match="cannot reach macs=0.001") as info:
         gp.run(sample_graph, "prune-channels{macs=0.001}")
+    found = re.search(r"leaves ([0-9.]+) of the MACs \(([0-9,]+) of ([0-9,]+)\); the rest is frozen or kept by min_keep",
+                      str(info.value))
+    assert found, str(info.value)
+    floor, base = (int(found.group(i).replace(",", "")) for i in (2, 3))
+    assert base == gp.graph_cost(sample_graph).macs and 0 < floor < base
+    assert float(found.group(1)) == pytest.approx(floor / base, abs=5e-4)
+
+
+def test_macs_budget_of_one_removes_nothing(sample_graph: gp.Graph) -> None:
+    check_pass(sample_graph, "prune-channels{macs=1.0}", expect_modified=False)
 
 
 # ------------------------------------------------------------ kept counts
