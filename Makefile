@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-zoo bench install clean
+.PHONY: demo test test-zoo bench mutate install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/group_convs.py
 	$(PY) benchmarks/shrink_factorize.py
 
+# Mutation testing (mutmut 3, config in [tool.mutmut] of pyproject.toml) of rules.py,
+# importance.py, channels.py and passes/ against the fast tests that exercise them; prints
+# the surviving mutants.  Slow: narrow it with MUTANTS, e.g.
+#   make mutate MUTANTS='graphprune.importance*'
+# passes/ installs as graphprune.passes: tests/mutmut_aliases.py (a pytest plugin the
+# mutmut config loads) makes the mutated mutants/passes that package.
+MUTANTS ?=
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[mutate]"
+	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache mutants

@@ -132,7 +132,12 @@ class PruneChannels(Pass):
 
     def _decide(self, graph: Graph, analysis: CouplingAnalysis, data: Any = None) -> dict[int, np.ndarray]:
         if self.lossless:
-            return {g.id: ~provably_zero_classes(graph, g) for g in analysis.groups if g.prunable.any()}
+            keep = {}
+            for g in analysis.groups:
+                if g.prunable.any():
+                    k = ~provably_zero_classes(graph, g)
+                    keep[g.id] = self._finish(g, k, np.nonzero(~k)[0].tolist())
+            return keep
         score_fn = self.importance(data)
         scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
         groups = {g.id: g for g in analysis.groups}
@@ -149,8 +154,9 @@ class PruneChannels(Pass):
             n_remove = self._allowed(g, math.floor(self.ratio * int(g.prunable.sum())))  # type: ignore[operator]
             k = np.ones(g.n_classes, bool)
             cand = np.nonzero(g.prunable)[0]
-            k[cand[np.argsort(s[cand], kind="stable")[:n_remove]]] = False
-            keep[gid] = k
+            removed = cand[np.argsort(s[cand], kind="stable")[:n_remove]]
+            k[removed] = False
+            keep[gid] = self._finish(g, k, removed.tolist())
         return keep
 
     def _allowed(self, g: PruningGroup, n_remove: int) -> int:
@@ -187,7 +193,20 @@ class PruneChannels(Pass):
             allowed = self._allowed(g, len(cls))
             k = np.ones(g.n_classes, bool)
             k[cls[:allowed]] = False
-            keep[gid] = _keep_every_port(g, k)
+            keep[gid] = self._finish(g, k, cls[:allowed])
+        return keep
+
+    def _finish(self, g: PruningGroup, keep: np.ndarray, removed: list[int]) -> np.ndarray:
+        """Restore a class in every port that would lose all its channels, then, if that
+        broke ``round_to``, restore the last-removed (most important) classes until the
+        kept count is a multiple of ``round_to`` again (or the whole group)."""
+        keep = _keep_every_port(g, keep)
+        if self.round_to > 1:
+            target = min(g.n_classes, int(math.ceil(int(keep.sum()) / self.round_to) * self.round_to))
+            for c in reversed(removed):
+                if int(keep.sum()) >= target:
+                    break
+                keep[c] = True
         return keep
 
     def _decide_macs(

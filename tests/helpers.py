@@ -12,13 +12,28 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import numpy as np
 import torch
 
 import graphprune as gp
 from graphprune.passes_base import Pass, PassResult
+from graphprune.verify import relative_error
 
 RTOL = 1e-5
+
+
+def assert_rel_close(got: Any, want: Any, rtol: float = RTOL, what: str = "") -> float:
+    """``max|got - want| / max|want| <= rtol`` (the error measure of :mod:`graphprune.verify`:
+    relative to the output's scale, never an absolute tolerance); tensors, arrays or lists
+    of them, paired.  Returns the error."""
+    pair = lambda v: [torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t.detach() for t in v]  # noqa: E731
+    gs = pair(got if isinstance(got, (list, tuple)) else [got])
+    ws = pair(want if isinstance(want, (list, tuple)) else [want])
+    err = relative_error(gs, ws)
+    assert err <= rtol, f"{what + ': ' if what else ''}relative error {err:.3g} > {rtol:g}"
+    return err
 
 
 def params_changed(a: gp.Graph, b: gp.Graph) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 
 from graphprune.cli import main
 
@@ -23,3 +24,25 @@ def test_demo_bad_pipeline_exit_code(tmp_path, capsys) -> None:
 def test_passes_lists_options(capsys) -> None:
     assert main(["passes"]) == 0
     assert "prune-channels{ratio=None" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("broken", ["reference", "onnxruntime"])
+def test_demo_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch, broken: str) -> None:
+    """The demo's two checks: exactness against the projected reference, and onnxruntime
+    on the exported file against the pruned graph.  Either failing gives exit code 1."""
+    if broken == "reference":
+        import graphprune.verify
+
+        # the demo's own comparison fails; the pass manager's check is let through
+        monkeypatch.setattr(graphprune.verify, "assert_exact", lambda *a, **k: 0.0)
+        monkeypatch.setattr(graphprune.verify, "compare", lambda *a, **k: 1e-2)
+    else:
+        import onnxruntime as ort
+
+        class OffByOne(ort.InferenceSession):
+            def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                return [o + 1.0 for o in super().run(*args, **kwargs)]
+
+        monkeypatch.setattr(ort, "InferenceSession", OffByOne)
+    assert main(["demo", "--out", str(tmp_path)]) == 1
+    assert "exactness vs projected reference" in capsys.readouterr().out  # it got to the end

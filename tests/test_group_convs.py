@@ -13,7 +13,7 @@ import torchvision
 import graphprune as gp
 from graphprune.passes.group_convs import GroupConvs, accumulate_gradients, search_groups
 from graphprune.samples.models import randomize_
-from helpers import RTOL, check_pass
+from helpers import RTOL, assert_rel_close, check_pass
 
 
 # ----------------------------------------------------------------- models
@@ -252,7 +252,7 @@ def test_planted_blocks_recovered_and_grouped_losslessly() -> None:
     assert all(rec["kept"] == pytest.approx(1.0, abs=1e-12) for rec in r.records)
     assert gp.compare(r.graph, g) <= RTOL  # equal outputs vs the original model
     x = g.random_inputs(3)[0]
-    torch.testing.assert_close(r.graph.run(x)[0], model(x), rtol=1e-5, atol=1e-5)
+    assert_rel_close(r.graph.run(x)[0], model(x))
     assert gp.graph_cost(r.graph).macs < gp.graph_cost(g).macs
 
 
@@ -322,10 +322,81 @@ def test_search_spends_the_budget_on_the_cheapest_loss() -> None:
 
 def test_latency_budget() -> None:
     """Measured single-conv latencies (grouped 3x3 convs can be slower than dense ones in
-    onnxruntime at this size; the 1x1 convs get faster)."""
+    onnxruntime at this size; the 1x1 convs get faster): a smoke test of the timing path;
+    what the search does with latencies is pinned below with a deterministic timer."""
     g = graph_of(BottleneckNet(), size=32)
     r = check_pass(g, "group-convs{budget=0.9,budget_unit=latency,min_channels_per_group=2}")
     assert r.records
+
+
+def fake_latency(self, x_shape: tuple, w_shape: tuple, groups: int, stride: tuple, dilation: tuple,
+                 pads: tuple, bias: bool) -> float:
+    """A deterministic stand-in for onnxruntime timings: proportional to MACs, except that
+    a grouped conv with a spatial kernel is 1.5x slower than the dense one."""
+    f, cpg, *kernel = w_shape
+    out = int(np.prod([(n + (stride[i] if stride else 1) - 1) // (stride[i] if stride else 1)
+                       for i, n in enumerate(x_shape[2:])]))
+    macs = f * cpg * int(np.prod(kernel)) * out
+    return macs * (1.5 * groups if groups > 1 and max(kernel) > 1 else 1.0) / 1e6
+
+
+def conv_latency(g: gp.Graph) -> float:
+    from graphprune.passes.group_convs import ConvTimer
+
+    timer = ConvTimer()
+    return sum(timer.node(g, n) for n in g.nodes if n.kind == "conv")
+
+
+@pytest.mark.parametrize("budget", [0.65, 0.8])
+def test_latency_budget_met_on_the_timed_latencies(budget: float, monkeypatch) -> None:
+    from graphprune.passes.group_convs import ConvTimer
+
+    monkeypatch.setattr(ConvTimer, "_measure", fake_latency)
+    torch.manual_seed(0)
+    g = graph_of(BottleneckNet(), size=16)
+    r = GroupConvs(budget=budget, budget_unit="latency", min_channels_per_group=2, ns=3)(g)
+    assert gp.compare(r.graph, r.reference()) <= RTOL
+    groups = {rec["layer"]: rec["groups"] for rec in r.records}
+    assert conv_latency(r.graph) <= budget * conv_latency(g)
+    # grouping the 3x3 conv would cost time, not save it: only the 1x1 convs are grouped
+    assert groups and "block.conv2" not in groups, groups
+    by_params = GroupConvs(budget=budget, min_channels_per_group=2, ns=3)(g)
+    assert "block.conv2" in {rec["layer"] for rec in by_params.records}
+
+
+def brute_force_cost(g: gp.Graph, p: GroupConvs, layers: list) -> float:
+    """The least total cost (score mass pruned) of any group counts within the budget,
+    over every combination of the candidates of every eligible conv."""
+    import itertools
+
+    unit = p.budget_unit
+    total = conv_resource(g, unit)
+    fixed = total - sum(layer.resource(1, unit) for layer in layers)
+    return min(
+        sum(layer.cost(G) for layer, G in zip(layers, combo))
+        for combo in itertools.product(*[layer.candidates for layer in layers])
+        if fixed + sum(layer.resource(G, unit) for layer, G in zip(layers, combo)) <= p.budget * total  # type: ignore[operator]
+    )
+
+
+def test_search_close_to_brute_force_optimum() -> None:
+    """On the bottleneck (4 eligible convs, 4-5 candidate counts each) the greedy search
+    loses at most 10% more score mass than the best assignment within the budget, and
+    about 2% on average (inverting its move comparison loses 20-80% more)."""
+    torch.manual_seed(0)
+    g = graph_of(BottleneckNet())
+    ratios = []
+    for unit, budgets in (("params", (0.35, 0.5, 0.6, 0.8)), ("macs", (0.5, 0.7))):
+        layers = GroupConvs(budget=0.5, budget_unit=unit, min_channels_per_group=2, ns=3)._layers(g)
+        for budget in budgets:
+            p = GroupConvs(budget=budget, budget_unit=unit, min_channels_per_group=2, ns=3)
+            r = p(g)
+            assert conv_resource(r.graph, unit) <= budget * conv_resource(g, unit)
+            cost = sum(1.0 - rec["kept"] for rec in r.records)
+            best = brute_force_cost(g, p, layers)
+            assert cost <= 1.10 * best, (unit, budget, cost, best)
+            ratios.append(cost / best)
+    assert np.mean(ratios) <= 1.05, ratios
 
 
 def test_impossible_budget_names_the_limit() -> None:
@@ -416,7 +487,7 @@ def test_fine_tune_with_block_mask_then_lossless_grouping() -> None:
     g = gp.trace(model, x)
     result = GroupConvs(groups=4)(g)
     tuned = result.projected_model(model)
-    torch.testing.assert_close(tuned.eval()(x), result.reference().run(x)[0], rtol=1e-5, atol=1e-6)
+    assert_rel_close(tuned.eval()(x), result.reference().run(x)[0])
     tuned.train()
     opt = torch.optim.SGD(tuned.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -432,7 +503,7 @@ def test_fine_tune_with_block_mask_then_lossless_grouping() -> None:
     baked = gp.trace(gp.bake(tuned), x)
     lossless = check_pass(baked, "group-convs{lossless=true}")
     assert {rec["layer"]: rec["groups"] for rec in lossless.records} == {rec["layer"]: rec["groups"] for rec in result.records}
-    torch.testing.assert_close(lossless.graph.run(x)[0], tuned(x), rtol=1e-5, atol=1e-5)
+    assert_rel_close(lossless.graph.run(x)[0], tuned(x))
     assert gp.graph_cost(lossless.graph).macs < gp.graph_cost(baked).macs
 
 
@@ -467,7 +538,7 @@ def test_onnx_budget_and_saved_file(tmp_path) -> None:
     onnx.checker.check_model(onnx.load(out), full_check=True)
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(y), r.reference().run(x)[0], rtol=1e-5, atol=1e-5)
+    assert_rel_close(torch.from_numpy(y), r.reference().run(x)[0])
 
 
 def test_onnx_planted_lossless(tmp_path) -> None:
@@ -477,4 +548,4 @@ def test_onnx_planted_lossless(tmp_path) -> None:
     assert sorted(rec["groups"] for rec in r.records) == [4, 8]
     assert all(rec["kept"] == pytest.approx(1.0, abs=1e-12) for rec in r.records)
     assert gp.compare(r.graph, g) <= RTOL
-    torch.testing.assert_close(r.graph.run(x)[0], model(x), rtol=1e-5, atol=1e-5)
+    assert_rel_close(r.graph.run(x)[0], model(x))

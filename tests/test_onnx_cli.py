@@ -227,3 +227,15 @@ def test_entry_point_runs(model_path: str, tmp_path) -> None:
                            "--input-shape", "input:1,3,32,32", "--check", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "MACs" in proc.stdout and os.path.exists(out)
+
+
+def test_optimize_with_a_no_op_pipeline_writes_the_model(model_path: str, tmp_path, capsys) -> None:
+    """Nothing to prune is not an error: the output is written, checked against the input."""
+    out = str(tmp_path / "same.onnx")
+    code, stdout, err = cli(capsys, "optimize", model_path, "-o", out, "-p", "prune-channels{ratio=0}",
+                            "--input-shape", "input:2,3,32,32", "--no-progress")
+    assert code == 0, err
+    assert os.path.exists(out)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got, want = ort_run(out, x), ort_run(model_path, x)
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= RTOL

@@ -570,3 +570,138 @@ def test_onnx_zoo_torchscript(name: str, tmp_path) -> None:
 @pytest.mark.parametrize("name", _zoo_names())
 def test_onnx_zoo_dynamo(name: str, tmp_path) -> None:
     zoo_check(name, tmp_path, dynamo=True)
+
+
+# ------------------------------------------------------------------ auto_pad
+def _low_rank(rng: np.random.Generator, shape: tuple[int, int, int, int], rank: int, scheme: str) -> np.ndarray:
+    """An exactly rank-``rank`` weight in the factorize layout ``scheme``: channel
+    (F, C*kh*kw), spatial (C*kh, kw*F)."""
+    f, c, kh, kw = shape
+    rows, cols = (f, c * kh * kw) if scheme == "channel" else (c * kh, kw * f)
+    m = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols))
+    w = m.reshape(shape) if scheme == "channel" else m.reshape(c, kh, kw, f).transpose(3, 0, 1, 2)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def same_pad_model(auto_pad: str, scheme: str) -> onnx.ModelProto:
+    """Two convs with ``auto_pad`` and odd total padding on a 10x10 input:
+    ``c1`` k=4 stride 1 (total 3 per axis), ``c2`` k=(3,5) stride 2 (totals 1 and 3).
+    Both weights are exactly rank 2, so factorize{lossless} replaces both."""
+    rng = np.random.default_rng(3)
+    w1 = _low_rank(rng, (8, 4, 4, 4), 2, scheme)
+    w2 = _low_rank(rng, (8, 8, 3, 5), 2, scheme)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1", kernel_shape=[4, 4], auto_pad=auto_pad),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", kernel_shape=[3, 5], strides=[2, 2], auto_pad=auto_pad),
+    ]
+    graph = helper.make_graph(
+        nodes, "same",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 5])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("auto_pad, pads1, pads2", [
+    # ONNX: SAME_UPPER puts the odd extra pixel at the end, SAME_LOWER at the beginning
+    ("SAME_UPPER", (1, 1, 2, 2), (0, 1, 1, 2)),
+    ("SAME_LOWER", (2, 2, 1, 1), (1, 2, 0, 1)),
+])
+def test_auto_pad_same_resolved_to_explicit_pads(auto_pad: str, pads1: tuple, pads2: tuple) -> None:
+    g = gp.load_onnx(same_pad_model(auto_pad, "channel"))
+    assert tuple(g.find("c1").attrs["pads"]) == pads1
+    assert tuple(g.find("c2").attrs["pads"]) == pads2
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_same_factorized_matches_onnxruntime_on_the_original(auto_pad: str, scheme: str, tmp_path) -> None:
+    model = same_pad_model(auto_pad, scheme)
+    src = str(tmp_path / "same.onnx")
+    onnx.save(model, src)
+    g = gp.load_onnx(src)
+    result = gp.run(g, f"factorize{{lossless=true,scheme={scheme}}}")  # verified against the reference
+    assert sorted(rec["layer"] for rec in result.results[0].records) == ["c1", "c2"]
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 4, 10, 10)).astype(np.float32))
+    want = ort_run(src, x)[0]
+    assert rel(result.graph.run(x)[0], want) <= RTOL
+    out = str(tmp_path / "same-factorized.onnx")
+    result.graph.to_onnx(out)
+    assert rel(ort_run(out, x)[0], want) <= RTOL
+
+
+# -------------------------------------------------------- shared initializers
+def shared_weight_model() -> onnx.ModelProto:
+    """Convs ``a`` and ``b`` read one initializer ``W`` (as exporters share equal tensors).
+    ``a`` writes a residual stream with ``p``, whose large filters 0 and 1 pull the stream's
+    ranking away from ``W``'s; ``b`` writes a group of its own, ranked by ``W`` alone.  So
+    prune-channels keeps 4 of 8 filters of each copy of ``W``: same shape, other rows."""
+    rng = np.random.default_rng(11)
+
+    def filters(scales: list[float], c: int = 4) -> np.ndarray:
+        signs = rng.choice([-1.0, 1.0], size=(len(scales), c, 3, 3))
+        return (signs * np.array(scales).reshape(-1, 1, 1, 1)).astype(np.float32)
+
+    w = filters([1, 2, 3, 4, 5, 6, 7, 8])
+    p = filters([10, 9, 1, 1, 1, 1, 1, 1])
+    v1, v2 = (rng.standard_normal((3, 8, 1, 1)).astype(np.float32) for _ in range(2))
+    conv = lambda name, x, wname, y: helper.make_node("Conv", [x, wname], [y], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])  # noqa: E731
+    nodes = [
+        conv("a", "x", "W", "ya"), conv("p", "x", "P", "yp"),
+        helper.make_node("Add", ["ya", "yp"], ["s0"], name="add"), helper.make_node("Relu", ["s0"], ["s"], name="relu_s"),
+        helper.make_node("Conv", ["s", "V1"], ["out1"], name="head1", kernel_shape=[1, 1]),
+        conv("b", "x", "W", "yb"), helper.make_node("Relu", ["yb"], ["t"], name="relu_t"),
+        helper.make_node("Conv", ["t", "V2"], ["out2"], name="head2", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 3, 6, 6]) for o in ("out1", "out2")],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (p, "P"), (v1, "V1"), (v2, "V2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_shared_initializer_edited_differently_then_saved(tmp_path) -> None:
+    src = str(tmp_path / "shared.onnx")
+    onnx.save(shared_weight_model(), src)
+    g = gp.load_onnx(src)
+    result = gp.run(g, "prune-channels{ratio=0.5}")
+    r = result.results[0]
+    kept = {}
+    for rec in r.records:
+        for key, idx in rec["kept"].items():
+            kept[key] = idx
+    assert kept["ya:1"] != kept["yb:1"] and len(kept["ya:1"]) == len(kept["yb:1"]) == 4, kept
+    out = str(tmp_path / "shared-pruned.onnx")
+    result.graph.to_onnx(out)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    xs = g.random_inputs(3)
+    got = ort_run(out, *xs)
+    in_memory = result.graph.run(*xs)
+    reference = r.reference().run(*xs)
+    assert len(got) == 2
+    for name, a, b, c in zip(("out1", "out2"), got, in_memory, reference):
+        assert rel(b, c) <= RTOL, f"{name}: in-memory graph differs from the reference"
+        assert rel(a, c) <= RTOL, f"{name}: the saved file differs from the reference"
+
+
+def test_shared_initializer_stays_shared_when_edited_alike(tmp_path) -> None:
+    """Unchanged copies are merged back on save: the file keeps one `W`."""
+    src = str(tmp_path / "shared.onnx")
+    onnx.save(shared_weight_model(), src)
+    g = gp.load_onnx(src)
+    out = str(tmp_path / "same.onnx")
+    g.to_onnx(out)
+    saved = onnx.load(out)
+    assert sorted(i.name for i in saved.graph.initializer) == ["P", "V1", "V2", "W"]
+    xs = g.random_inputs(1)
+    for a, b in zip(ort_run(out, *xs), ort_run(src, *xs)):
+        assert rel(a, b) <= RTOL

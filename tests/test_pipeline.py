@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
+import typing
 
 import pytest
 import torch
@@ -11,12 +14,72 @@ from graphprune.passes_base import PASSES, PassManager, _load_builtin_passes
 from graphprune.samples.models import sample_input, sample_net
 
 
-def test_registry_keys_equal_pass_names() -> None:
+# values to try for string options (a new pass whose string option takes none of these
+# fails the round trip below: add one of its values here)
+STRING_VALUES = ("global", "l2", "l1", "bn_scale", "spatial", "channel", "macs", "latency", "params")
+
+
+def _option_values(hint: object, default: object) -> list[object]:
+    """Non-default values of an option's annotated type, to build passes with."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+    if base is bool:
+        return [not default]
+    if base is int:
+        return [v for v in (2, 3, (default or 0) + 1) if v != default]
+    if base is float:
+        return [v for v in (0.5, 0.25) if v != default]
+    if base is str:
+        return [v for v in STRING_VALUES if v != default]
+    if typing.get_origin(base) is tuple:
+        return [("conv", "layer1.0.conv1")]
+    raise AssertionError(f"option type {hint} has no pipeline syntax")
+
+
+def test_every_pass_option_round_trips_through_the_pipeline_syntax() -> None:
+    """Each option of each registered pass, set to a non-default value, survives
+    ``parse_pipeline(p.spec())``; options that cannot (``compare=False``, e.g. gradient
+    tensors) are left out of ``spec`` and of equality."""
     _load_builtin_passes()
-    assert "prune-channels" in PASSES
-    for key, cls in PASSES.items():
-        assert key == cls.name
-        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    assert {"prune-channels", "group-convs", "shrink-kernels", "factorize"} <= set(PASSES)
+    for name, cls in PASSES.items():
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name
+        assert gp.get_pass(name) is cls
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.compare:
+                continue
+            tried = 0
+            for value in _option_values(hints[f.name], f.default):
+                for base in ({"lossless": True}, {}):
+                    if f.name in base:
+                        continue
+                    try:
+                        p = cls(**base, **{f.name: value})
+                        p.validate()
+                    except gp.PassOptionError:
+                        continue
+                    spec = p.spec()
+                    assert f"{f.name}=" in spec, spec
+                    (q,) = gp.parse_pipeline(spec)
+                    assert q == p and getattr(q, f.name) == value, (spec, q)
+                    tried += 1
+            assert tried, f"{name}: option `{f.name}` never round-tripped"
+
+
+def test_every_pass_option_is_documented_and_listed(capsys) -> None:
+    from graphprune.cli import main
+
+    _load_builtin_passes()
+    assert main(["passes"]) == 0
+    listing = capsys.readouterr().out
+    for name, cls in PASSES.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "") + (cls.__doc__ or "")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in hints, f"{name}: option `{f.name}` has no type"
+            assert f.name in doc, f"{name}: option `{f.name}` is not in the pass's docstrings"
+            assert f"{f.name}={f.default!r}" in listing, f"{name}: `graphprune passes` does not list `{f.name}`"
 
 
 def test_every_pass_has_lossless_option() -> None:
@@ -77,3 +140,12 @@ def test_manager_catches_an_inexact_rewrite() -> None:
     g = gp.trace(sample_net(), sample_input())
     with pytest.raises(gp.VerificationError, match="broken: output differs"):
         PassManager([Broken()]).run(g)
+
+
+def test_modified_is_false_when_no_pass_changes_anything() -> None:
+    g = gp.trace(sample_net(), sample_input())
+    for pipeline in ("prune-channels{ratio=0}", "prune-channels{lossless=true},factorize{lossless=true}"):
+        result = gp.run(g, pipeline)
+        assert not result.modified and not any(r.modified for r in result.results), pipeline
+    mixed = gp.run(g, "prune-channels{ratio=0},prune-channels{ratio=0.25}")
+    assert mixed.modified and [r.modified for r in mixed.results] == [False, True]

@@ -1,14 +1,19 @@
 """Property-based test: random conv nets with residual adds, concats, grouped convs,
-SE gates and flatten -> linear are pruned and stay exact against their reference."""
+SE gates and flatten -> linear are pruned and stay exact against their reference, and
+something is pruned whenever the ratio asks a stream known to be prunable to lose a channel
+(`pytest --hypothesis-show-statistics` reports how often pruning happened)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings
+import math
+
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
 from graphprune.samples.models import randomize_
+from graphprune.verify import relative_error
 
 BLOCKS = ("conv", "residual", "concat", "grouped", "depthwise", "se")
 
@@ -63,6 +68,25 @@ class RandomNet(nn.Module):
 block = st.tuples(st.sampled_from(BLOCKS), st.integers(2, 8), st.sampled_from([1, 3]))
 
 
+def new_streams(blocks: list[tuple[str, int, int]]) -> list[int]:
+    """Channel counts of the streams that ``conv`` and ``concat`` blocks create: each is
+    a pruning group of that many classes that no rule freezes (it reaches neither the model
+    input nor the output; residual adds, depthwise convs and SE gates keep its classes)."""
+    return [w if kind == "conv" else 2 * w + 2 for kind, w, _ in blocks if kind in ("conv", "concat")]
+
+
+def must_prune(blocks: list[tuple[str, int, int]], ratio: float) -> bool:
+    """Whether ``ratio`` asks to remove at least one class of some stream known prunable
+    (group scope: ``floor(ratio * n)`` of each group; global scope removes at least as many)."""
+    return any(math.floor(ratio * n) >= 1 for n in new_streams(blocks))
+
+
+def test_must_prune_reads_the_blocks() -> None:
+    assert new_streams([("conv", 4, 3), ("residual", 4, 3), ("concat", 3, 1), ("se", 2, 1)]) == [4, 8]
+    assert must_prune([("conv", 4, 3)], 0.25) and not must_prune([("conv", 4, 3)], 0.2)
+    assert not must_prune([("residual", 8, 3), ("depthwise", 8, 3)], 0.8)  # input channels: frozen
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=st.lists(block, min_size=1, max_size=6),
@@ -78,8 +102,14 @@ def test_random_nets_prune_exactly(blocks, head, ratio, scope, seed) -> None:
     result = gp.get_pass("prune-channels")(ratio=ratio, scope=scope)(graph)
     err = gp.compare(result.graph, result.reference())
     assert err <= 1e-5, f"{blocks} {head}: error {err:.3g}"
+    expected = must_prune(blocks, ratio)
+    event(f"pruned: {result.modified}, a stream asked to lose a channel: {expected}")
+    if expected:
+        assert result.modified, f"{blocks} {head} ratio={ratio} scope={scope}: nothing was pruned"
     if result.modified:
         assert gp.graph_cost(result.graph).params < gp.graph_cost(graph).params
     # the emitted module runs and agrees with the graph
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(result.graph.to_module().eval()(x), result.graph.run(x)[0])
+    with torch.no_grad():
+        err_module = relative_error([result.graph.to_module().eval()(x)], result.graph.run(x))
+    assert err_module <= 1e-5, f"{blocks} {head}: emitted module differs by {err_module:.3g}"

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune.samples.models import randomize_, sample_input, sample_net
-from helpers import check_pass
+from helpers import assert_rel_close, check_pass
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_lossless_removes_planted_zeros() -> None:
     assert r.graph.param("fc1.weight").shape[0] == 62
     assert gp.graph_cost(r.graph).macs < gp.graph_cost(g).macs
     out = r.graph.to_module()(sample_input())
-    torch.testing.assert_close(out, model(sample_input()), rtol=1e-5, atol=1e-5)
+    assert_rel_close(out, model(sample_input()))
 
 
 def test_lossless_keeps_nonzero_shift() -> None:
@@ -153,5 +153,60 @@ def test_bad_options(spec: str, message: str) -> None:
 
 
 def test_impossible_budget(sample_graph: gp.Graph) -> None:
-    with pytest.raises(gp.BudgetError, match="cannot reach macs=0.001"):
+    with pytest.raises(gp.BudgetError, match="cannot reach macs=0.001") as info:
         gp.run(sample_graph, "prune-channels{macs=0.001}")
+    found = re.search(r"leaves ([0-9.]+) of the MACs \(([0-9,]+) of ([0-9,]+)\); the rest is frozen or kept by min_keep",
+                      str(info.value))
+    assert found, str(info.value)
+    floor, base = (int(found.group(i).replace(",", "")) for i in (2, 3))
+    assert base == gp.graph_cost(sample_graph).macs and 0 < floor < base
+    assert float(found.group(1)) == pytest.approx(floor / base, abs=5e-4)
+
+
+def test_macs_budget_of_one_removes_nothing(sample_graph: gp.Graph) -> None:
+    check_pass(sample_graph, "prune-channels{macs=1.0}", expect_modified=False)
+
+
+# ------------------------------------------------------------ kept counts
+@pytest.mark.parametrize("opts, kept", [
+    ("ratio=0.75", 2),                              # 8 channels, floor(6.0) removed
+    ("ratio=0.75,round_to=4", 4),                   # 2 kept, rounded up to 4
+    ("ratio=0.75,round_to=3", 3),                   # 2 kept, rounded up to 3
+    ("ratio=0.3,round_to=4", 8),                    # 6 kept, rounded up to 8: nothing removed
+    ("ratio=0.9,min_keep=3", 3),                    # floor(7.2) = 7 would leave 1
+    ("ratio=0.9,min_keep=3,round_to=2", 4),         # min_keep 3, then rounded up to 4
+    ("ratio=0.75,scope=global,round_to=4", 4),      # 12 of 16 removed: at most 4 left per group
+    ("ratio=0.9,scope=global,min_keep=3", 3),       # 14 of 16 removed: at most 2 left per group
+])
+def test_kept_counts_under_round_to_and_min_keep(opts: str, kept: int) -> None:
+    """Both hidden groups of Chain have 8 channels (c1 with b1, c2 with the linear's inputs)."""
+    g = chain_graph()
+    r = check_pass(g, f"prune-channels{{{opts}}}", expect_modified=kept < 8)
+    assert r.graph.param("c1.weight").shape[0] == kept
+    assert r.graph.param("c2.weight").shape[0] == kept
+    assert r.graph.param("fc.weight").shape[1] == kept * 16
+    assert all(rec["kept_classes"] == kept for rec in r.records)
+
+
+@pytest.mark.parametrize("opts", ["macs=0.5", "macs=0.3", "ratio=0.9", "ratio=0.9,scope=global"])
+def test_round_to_holds_in_every_group(sample_graph: gp.Graph, opts: str) -> None:
+    """Also where a concat input would lose all its channels and gets one back (the
+    `branch_a`/`branch_b` concat): the group's kept count is still a multiple of 4."""
+    r = check_pass(sample_graph, f"prune-channels{{{opts},round_to=4}}")
+    assert r.records
+    for rec in r.records:
+        assert rec["kept_classes"] % 4 == 0 or rec["kept_classes"] == rec["classes"], rec
+    if opts.startswith("macs"):
+        target = float(opts.split("=")[1])
+        assert gp.graph_cost(r.graph).macs <= target * gp.graph_cost(sample_graph).macs
+
+
+def test_sample_net_round_to_and_min_keep_per_group(sample_graph: gp.Graph) -> None:
+    analysis = gp.analyse(sample_graph)
+    sizes = {g.id: g.n_classes for g in analysis.groups if g.prunable.all() and g.n_classes >= 8}
+    r = gp.get_pass("prune-channels")(ratio=0.9, round_to=4, min_keep=5)(sample_graph)
+    kept = {rec["group"]: rec["kept_classes"] for rec in r.records}
+    assert sizes and set(sizes) <= set(kept)
+    for gid, n in sizes.items():
+        assert kept[gid] % 4 == 0 and kept[gid] >= 5, (gid, n, kept[gid])
+        assert kept[gid] == min(n, 8), (gid, n, kept[gid])  # floor(0.9 n) leaves < 5, rounded to 8
