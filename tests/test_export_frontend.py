@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphprune as gp
+from graphprune.frontends.fx import _flatten_tensors
 from graphprune.samples.models import randomize_, sample_input, sample_net
 from helpers import RTOL, check_pass
 
@@ -201,21 +202,11 @@ def test_apply_yolov8n_detection_model() -> None:
     assert isinstance(model, DetectionModel)
     after = gp.graph_cost(r.graph).macs / gp.graph_cost(g).macs
     assert after < 0.75
-    got = torch.cat([t.flatten() for t in _flat(model(x))])
+    got = torch.cat([t.flatten() for t in _flatten_tensors(model(x))])
     want = torch.cat([t.flatten() for t in r.graph.run(x)])
     assert float((got - want).abs().max() / want.abs().max()) <= RTOL
     model.train()
     assert model(torch.randn(2, 3, 128, 128)) is not None  # its own training forward
-
-
-def _flat(obj: object) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _flat(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _flat(v)]
-    return []
 
 
 # --------------------------------------------------------------- save/load

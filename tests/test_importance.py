@@ -137,7 +137,7 @@ def test_bn_scale_scores_and_l1_fallback() -> None:
 
 
 def test_unknown_criterion_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown criterion `l3` \(known: bn_scale, l1, l2\)"):
+    with pytest.raises(ValueError, match=r"unknown criterion `l3` \(known: bn_scale, kl, l1, l2, taylor\)"):
         get_importance("l3")
 
 

@@ -140,14 +140,16 @@ def _linear(n: fx.Node) -> Classified:
 def _batch_norm(n: fx.Node) -> Classified:
     """aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
     eps, cudnn): in eval mode a per-channel affine map.  Batch statistics (training=True
-    or no running stats) are per channel too."""
-    x = n.args[0]
+    or no running stats) are per channel too.  aten.instance_norm has the same arguments
+    (``use_input_stats`` for ``training``) and normalises each channel of each sample."""
     c = _weights(
-        "batchnorm", x, n, weight=_arg(n, 1, "weight"), bias=_arg(n, 2, "bias"),
+        "batchnorm", n.args[0], n, weight=_arg(n, 1, "weight"), bias=_arg(n, 2, "bias"),
         running_mean=_arg(n, 3, "running_mean"), running_var=_arg(n, 4, "running_var"),
     )
     if c.kind == "batchnorm":
         c.attrs = {"eps": float(_arg(n, 7, "eps", 1e-5))}
+        if packet_name(n) == "instance_norm":
+            c.attrs["instance"] = True
     return c
 
 
@@ -157,17 +159,6 @@ def _native_batch_norm(n: fx.Node) -> Classified:
     c = _weights("batchnorm", x, n, weight=n.args[1], bias=n.args[2], running_mean=n.args[3], running_var=n.args[4])
     if c.kind == "batchnorm":
         c.attrs = {"eps": float(_arg(n, 6, "eps", 1e-5))}
-    return c
-
-
-def _instance_norm(n: fx.Node) -> Classified:
-    """aten.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, ...)."""
-    c = _weights(
-        "batchnorm", n.args[0], n, weight=_arg(n, 1, "weight"), bias=_arg(n, 2, "bias"),
-        running_mean=_arg(n, 3, "running_mean"), running_var=_arg(n, 4, "running_var"),
-    )
-    if c.kind == "batchnorm":
-        c.attrs = {"eps": float(_arg(n, 7, "eps", 1e-5)), "instance": True}
     return c
 
 
@@ -363,9 +354,8 @@ _register(_conv, "conv1d", "conv2d", "conv3d")
 _register(_convolution, "convolution")
 _register(_conv_transpose, "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 _register(_linear, "linear")
-_register(_batch_norm, "batch_norm")
+_register(_batch_norm, "batch_norm", "instance_norm")
 _register(_native_batch_norm, "_native_batch_norm_legit_no_training")
-_register(_instance_norm, "instance_norm")
 _register(_layer_norm, "layer_norm")
 _register(_group_norm, "group_norm")
 _register(_prelu, "prelu", "_prelu_kernel")

@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
 from .fx import CaptureError, FxFrontend, _flatten_nodes, _graph_module, _is_tensor_meta, _shallow_tree, _tuple_source
-from .fx_build import split_pads
+from .fx_build import resolve_input, split_pads
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
 
@@ -264,9 +264,10 @@ class ExportFrontend(FxFrontend):
         reuse = len(new) == 1
         created: list[fx.Node] = []
         keys: list[dict[str, str]] = []
+        by_name = {n.name: n for n in self.gm.graph.nodes}
         with self.gm.graph.inserting_before(old):
             for i, spec in enumerate(new):
-                x = self._new_input(spec, i, created, node)
+                x = resolve_input(spec, i, created, by_name, node)
                 path = base if reuse else self._fresh_path(base, i)
                 roles = self._register_params(path, spec.params)
                 keys.append(roles)
@@ -277,17 +278,6 @@ class ExportFrontend(FxFrontend):
         self.edits.append(Edit("replace", node.name, base, f"{node.kind} replaced by {len(new)} layer(s)",
                                details={"new": [(s.kind, dict(s.attrs), k) for s, k in zip(new, keys)],
                                         "inputs": [list(s.inputs) for s in new]}))
-
-    def _new_input(self, spec: NewNode, i: int, created: list[fx.Node], node: Node) -> fx.Node:
-        if len(spec.inputs) != 1:
-            raise GraphError(f"{node}: new {spec.kind} nodes take exactly one input, got {spec.inputs}")
-        name = spec.inputs[0]
-        if name.startswith("%"):
-            j = int(name[1:])
-            if not 0 <= j < i:
-                raise GraphError(f"{node}: new node {i} reads `{name}`, which is not an earlier new node")
-            return created[j]
-        return self._fx_by_name(name)
 
     def _fresh_path(self, base: str, i: int) -> str:
         parent, _, leaf = base.rpartition(".")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..graph import GraphError, NewNode, Node
 
-__all__ = ["replace_with_new_nodes", "build_module", "split_pads"]
+__all__ = ["replace_with_new_nodes", "build_module", "split_pads", "resolve_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) ->
     created: list[fx.Node] = []
     with gm.graph.inserting_before(old):
         for i, spec in enumerate(new):
-            x = _resolve_input(spec, i, created, by_name, node)
+            x = resolve_input(spec, i, created, by_name, node)
             module, extra = build_module(spec, padding_mode if spec.kind == "conv" else "zeros")
             if reuse:
                 gm.delete_submodule(old_path)
@@ -142,7 +142,7 @@ def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) ->
     logger.debug("fx: replaced %s by %s", node, ", ".join(str(n.target) for n in created))
 
 
-def _resolve_input(spec: NewNode, i: int, created: list[fx.Node], by_name: dict[str, fx.Node], node: Node) -> fx.Node:
+def resolve_input(spec: NewNode, i: int, created: list[fx.Node], by_name: dict[str, fx.Node], node: Node) -> fx.Node:
     """The fx node feeding new node ``i``: an existing value or ``%j`` (j < i)."""
     if len(spec.inputs) != 1:
         raise GraphError(f"{node}: new {spec.kind} nodes take exactly one input, got {spec.inputs}")
