@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.samples.models import randomize_
 
 timm = pytest.importorskip("timm")
 
@@ -178,11 +177,36 @@ SPECS: dict[str, tuple[int, dict[str, Any]]] = {name: (size, kwargs) for name, s
 KNOWN: dict[str, str] = {}
 
 
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial random weights, as ``graphprune.samples.models.randomize_`` gives the
+    torchvision zoo, for timm's norms too: every norm-like module (any module with a
+    ``running_var`` buffer or a 1-d ``weight`` of norm type) gets random scales, shifts
+    (where it has them) and statistics; then every all-zero parameter gets random values."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for mod in model.modules():
+            is_norm = isinstance(mod, norms) or "Norm" in type(mod).__name__
+            weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+            if is_norm and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+                weight.copy_(torch.rand(weight.shape, generator=gen) + 0.5)
+                if isinstance(bias, torch.Tensor):
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
+            mean, var = getattr(mod, "running_mean", None), getattr(mod, "running_var", None)
+            if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                mean.copy_(torch.randn(mean.shape, generator=gen) * 0.1)
+                var.copy_(torch.rand(var.shape, generator=gen) + 0.5)
+        for p in model.parameters():
+            if p.dim() >= 1 and p.numel() and float(p.abs().max()) == 0.0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
 def build(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """``name`` with random weights made non-trivial (norm statistics and scales, zero
     initialised tensors), in eval mode."""
     torch.manual_seed(0)
-    return randomize_(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    return randomize(timm.create_model(name, pretrained=False, **kwargs)).eval()
 
 
 def example(size: int) -> torch.Tensor:
