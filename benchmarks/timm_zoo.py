@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import gc
 import json
 import os
 import re
+import queue
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -49,8 +52,21 @@ def head_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
 
 
-def worker(name: str) -> None:
-    """Run one model; print one JSON line per finished stage (so a timeout keeps the rest)."""
+def worker(names: str) -> None:
+    """Run each model in turn; print one JSON line per finished stage (so a timeout keeps
+    what finished), a ``start`` and a ``done`` line per model."""
+    warnings.simplefilter("ignore")
+    for name in names.split(","):
+        print(json.dumps({"model": name, "stage": "start"}), flush=True)
+        try:
+            worker_one(name)
+        except Exception as exc:  # build or forward failed: one row says so
+            print(json.dumps({"model": name, "stage": "gp", "error": f"build: {_line(exc)}"}), flush=True)
+        print(json.dumps({"model": name, "stage": "done"}), flush=True)
+        gc.collect()
+
+
+def worker_one(name: str) -> None:
     import torch
 
     import graphprune as gp
@@ -61,8 +77,8 @@ def worker(name: str) -> None:
     size, kwargs = SPECS[name]
     model, x = build(name, kwargs), example(size)
 
-    def emit(**row: Any) -> None:
-        print(json.dumps({"model": name, **row}), flush=True)
+    def emit(stage: str, **row: Any) -> None:
+        print(json.dumps({"model": name, "stage": stage, **row}), flush=True)
 
     start = time.perf_counter()
     try:
@@ -118,22 +134,73 @@ def _line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:100] if text else ''}"
 
 
-def run_one(name: str, timeout: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name}
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
-        out, note = proc.stdout, (f"exit {proc.returncode}: {_last(proc.stderr)}" if proc.returncode else "")
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        note = f"timeout after {timeout:.0f}s"
-    for line in out.splitlines():
-        if line.startswith("{"):
+class Worker:
+    """One worker process that runs many models (imports cost up to a minute on a loaded
+    machine), read line by line; a model that overruns its timeout kills the worker, and
+    the next model starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+    def start(self, names: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", ",".join(names)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], lines: "queue.Queue[str | None]") -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        err = _last(self.proc.stderr.read()) if self.proc.stderr else ""  # type: ignore[union-attr]
+        self.proc = None
+        return err
+
+
+def run_models(names: list[str], timeout: float, record: Any) -> None:
+    """Run ``names`` in workers, calling ``record(row)`` for each model as it finishes."""
+    todo = list(names)
+    worker_ = Worker()
+    while todo:
+        if worker_.proc is None:
+            worker_.start(todo)
+        name = todo[0]
+        row: dict[str, Any] = {"model": name}
+        deadline = time.monotonic() + timeout
+        note = ""
+        while True:
+            try:
+                line = worker_.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                note = f"timeout after {timeout:.0f}s"
+                worker_.stop()
+                break
+            if line is None:
+                note = f"worker died: {worker_.stop()}"
+                break
+            if not line.startswith("{"):
+                continue
             d = json.loads(line)
+            if d.get("stage") == "done":
+                break
+            if d.get("stage") == "start":
+                deadline = time.monotonic() + timeout  # the timeout runs from the model's start
+                continue
             row[d.pop("stage")] = d
-    for stage in ("gp", "tp"):
-        row.setdefault(stage, {"error": note or "no result"})
-    return row
+        for stage in ("gp", "tp"):
+            row.setdefault(stage, {"error": note or "no result"})
+        todo.pop(0)
+        record(row)
+    worker_.stop()
 
 
 def _last(text: str) -> str:
@@ -205,20 +272,24 @@ def main(argv: list[str] | None = None) -> int:
         for line in open(args.jsonl):
             d = json.loads(line)
             done[d["model"]] = d
-    rows = []
-    for i, name in enumerate(names, 1):
-        if name not in done and not args.summary_only:
-            start = time.perf_counter()
-            done[name] = run_one(name, args.timeout)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(done[name]) + "\n")
-            print(f"[{i}/{len(names)}] {name} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
-        if name in done:
-            rows.append(done[name])
+    todo = [n for n in names if n not in done] if not args.summary_only else []
+    start = time.perf_counter()
+
+    def record(row: dict[str, Any]) -> None:
+        done[row["model"]] = row
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"[{len(done)}/{len(names)}] {row['model']} at {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+
+    run_models(todo, args.timeout, record)
+    rows = [done[n] for n in names if n in done]
+    missing = [n for n in names if n not in done]
     print("prune-channels{ratio=0.3} vs Torch-Pruning MetaPruner (L1, pruning_ratio=0.3, head ignored); "
           "random weights; MACs after relative to the unpruned model, both counted by graphprune")
     print(summarise(rows))
+    if missing:
+        print(f"\nnot run ({len(missing)}): " + ", ".join(missing))
     return 0
 
 
