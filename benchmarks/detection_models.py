@@ -59,6 +59,12 @@ def _torchvision(name: str, **kwargs: Any) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, weights_backbone=None, **kwargs)
 
 
+def _raft() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.optical_flow.raft_small(weights=None)  # takes no weights_backbone
+
+
 def _bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
@@ -87,11 +93,21 @@ BUILD: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]]] 
     "retinanet_resnet50_fpn": (lambda: _torchvision("retinanet_resnet50_fpn", min_size=128, max_size=128), _image(128)),
     "deeplabv3_mobilenet_v3_large": (lambda: _torchvision("deeplabv3_mobilenet_v3_large"), _image(64)),
     "lraspp_mobilenet_v3_large": (lambda: _torchvision("lraspp_mobilenet_v3_large"), _image(64)),
-    "raft_small": (lambda: _torchvision("raft_small"), lambda: (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))),
+    "raft_small": (lambda: _raft(), lambda: (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))),
     "hf_bert_tiny": (_bert, lambda: (torch.randint(0, 128, (1, 16)),)),
     "hf_vit_tiny": (_vit, _image(32)),
 }
 DENSE_FALLBACK = ("fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn")
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """Torch-Pruning's ``num_heads`` for Hugging Face attention (as in its HF examples)."""
+    out: dict[nn.Module, int] = {}
+    for m in model.modules():
+        if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads")):
+            for proj in (m.query, m.key, m.value):
+                out[proj] = m.num_attention_heads
+    return out
 
 
 def heads(name: str, model: nn.Module) -> list[nn.Module]:
@@ -137,7 +153,7 @@ def worker(name: str, ratio: float) -> dict[str, Any]:
         if name not in DENSE_FALLBACK:
             row["capture"] = f"failed: {_line(exc)}"
             return row
-        row["whole_error"] = _line(exc).replace("\n", " ")[:160]
+        row["whole_error"] = " | ".join(l.strip()[:150] for l in str(exc).strip().splitlines()[1:3])
         model = DenseDetector(model).eval()
         row["what"] = "backbone+FPN+head (whole model: capture failed)"
         start = time.perf_counter()
@@ -174,7 +190,7 @@ def worker(name: str, ratio: float) -> dict[str, Any]:
         start = time.perf_counter()
         pruner = tp.pruner.MetaPruner(tp_model, x[0] if len(x) == 1 else x,
                                       importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                      ignored_layers=heads(name, tp_model))
+                                      ignored_layers=heads(name, tp_model), num_heads=attention_heads(tp_model))
         pruner.step()
         row["tp_seconds"] = time.perf_counter() - start
         with torch.no_grad():
@@ -238,11 +254,21 @@ def main_detection(args: Any) -> int:
         return 0
     torch.set_num_threads(1)
     names = args.models.split(",") if args.models and not args.models.startswith("resnet50,") else list(MODELS)
+    done: dict[str, dict[str, Any]] = {}
+    if args.jsonl:  # rows already there are reused; delete a line to run that model again
+        with open(args.jsonl, "a+") as f:
+            f.seek(0)
+            done = {d["model"]: d for d in map(json.loads, f.read().splitlines())}
     rows = []
     for name in names:
-        start = time.perf_counter()
-        rows.append(run_one(name, args.ratio, args.timeout))
-        print(f"done {name} {time.perf_counter() - start:.0f}s: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        if name not in done:
+            start = time.perf_counter()
+            done[name] = run_one(name, args.ratio, args.timeout)
+            print(f"done {name} {time.perf_counter() - start:.0f}s: {json.dumps(done[name])}", file=sys.stderr, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(done[name]) + "\n")
+        rows.append(done[name])
     print(f"prune-channels ratio={args.ratio} vs Torch-Pruning MetaPruner (L1, output layers ignored), random weights, "
           "1 thread; MACs after relative to the captured graph, both counted by graphprune")
     print(table(rows))

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per tool (median)")
     parser.add_argument("--detection", action="store_true", help="the detection/segmentation/HF table instead")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model (--detection)")
+    parser.add_argument("--jsonl", default="", help="(--detection) keep rows here and reuse them")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.detection:
