@@ -209,6 +209,10 @@ def _last(text: str) -> str:
     return lines[-1][:100] if lines else ""
 
 
+def _only_io(row: dict[str, Any]) -> bool:
+    return {reason_key(k) for k in row["gp"].get("reasons", {})} <= {"model input or output"}
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
     from graphprune.cli import format_table
 
@@ -246,6 +250,9 @@ def summarise(rows: list[dict[str, Any]]) -> str:
         f"both ran on {len(ge) + len(less)}: graphprune prunes at least as far as TP (within 0.02) on {len(ge)}, "
         f"less on {len(less)}",
         "graphprune prunes less on: " + ", ".join(less),
+        f"  of those, {sum(1 for r in rows if r['model'] in less and _only_io(r))} freeze nothing but the model's "
+        "inputs and outputs: the gap there is how far each tool prunes what it can (grouped and depthwise convs "
+        "lose whole groups in graphprune), not a missing rule",
         "",
         "top frozen-group reasons where graphprune prunes less (models with the reason):",
     ]
