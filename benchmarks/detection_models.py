@@ -192,6 +192,12 @@ def worker(name: str, ratio: float) -> dict[str, Any]:
                                       importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
                                       ignored_layers=heads(name, tp_model), num_heads=attention_heads(tp_model))
         pruner.step()
+        for m in tp_model.modules():  # Torch-Pruning's HF examples: the attention's sizes follow the pruned heads
+            if m in getattr(pruner, "num_heads", {}) or not hasattr(m, "attention_head_size"):
+                continue
+            m.num_attention_heads = pruner.num_heads.get(m.query, m.num_attention_heads)
+            m.attention_head_size = m.query.out_features // m.num_attention_heads
+            m.all_head_size = m.query.out_features
         row["tp_seconds"] = time.perf_counter() - start
         with torch.no_grad():
             tp_model(*x)
