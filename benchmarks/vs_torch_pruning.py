@@ -9,6 +9,16 @@ so the two columns use one yardstick.  "exact" is graphprune's check of the prun
 against its projected reference (Torch-Pruning has no reference to check against).
 
     python benchmarks/vs_torch_pruning.py [--models resnet50,densenet121] [--ratio 0.3]
+    python benchmarks/vs_torch_pruning.py --detection [--timeout 900]
+
+``--detection`` prints a second table over detection, segmentation, optical-flow and
+Hugging Face models (random weights, small inputs): which frontend captured each (or
+why neither could), graphprune's MACs after, exactness, time, whether ``gp.apply``
+edited the model in place (or the first line of its refusal), and Torch-Pruning's MACs
+after or its failure.  Detection models in eval mode end in post-processing with
+data-dependent shapes; where the whole model cannot be captured, its dense
+backbone + neck + head forward is captured instead, and the table says so.  Each model
+runs in its own subprocess with a timeout.
 """
 from __future__ import annotations
 
@@ -73,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per tool (median)")
+    parser.add_argument("--detection", action="store_true", help="the detection/segmentation/HF table instead")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model (--detection)")
+    parser.add_argument("--jsonl", default="", help="(--detection) keep rows here and reuse them")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker or args.detection:
+        from detection_models import main_detection
+
+        return main_detection(args)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     rows, speedups = [], []

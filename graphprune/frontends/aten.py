@@ -224,6 +224,15 @@ def _identity(n: fx.Node) -> Classified:
     return Classified("identity", [n.args[0]])
 
 
+def _expand_as(n: fx.Node) -> Classified:
+    """aten.expand_as(y, x): y broadcast to x's shape (an SE gate's ``y.expand_as(x)``).
+    Values come from y alone, index for index on every axis whose size it keeps, so it
+    is an identity of y; x is an input too, because the output takes x's shape: the
+    identity rule ties x's equal-size axes (its channels) to y's, and x's values, which
+    the output never reads, do not count for the output's zero channels."""
+    return Classified("identity", [n.args[0], n.args[1]])
+
+
 def _binary(kind: str) -> Callable[[fx.Node], Classified]:
     def classify(n: fx.Node) -> Classified:
         operands = list(n.args[:2])
@@ -365,6 +374,7 @@ _register(_identity, "dropout", "dropout_", "alpha_dropout", "feature_dropout", 
           "contiguous", "alias", "detach", "detach_", "lift_fresh_copy", "_to_copy", "to", "type_as", "_assert_tensor_metadata")
 for _kind, _names in {"add": ("add", "add_"), "sub": ("sub", "sub_"), "mul": ("mul", "mul_"), "div": ("div", "div_")}.items():
     _register(_binary(_kind), *_names)
+_register(_expand_as, "expand_as")
 _register(_rsub, "rsub")
 _register(_cat, "cat", "concat", "concatenate")
 _register(_split, "split", "split_with_sizes", "chunk")
