@@ -88,6 +88,8 @@ def _plan(graph: Graph, model: nn.Module) -> _Plan:
             if own is not None:
                 if own is not value and (own.shape != value.shape or not torch.equal(own.detach(), value)):
                     plan.tensors[key] = value
+            elif _created_in_forward(key):
+                continue  # a tensor the model's forward makes itself; the trial run checks it
             elif not any(key.startswith(r + "_gp") for r in replaced) and ".index" not in key:
                 raise ApplyError(f"{node}: parameter `{key}` is not in the model (was the graph captured from it?)")
         _plan_attrs(plan, graph, node, model)
@@ -107,6 +109,12 @@ def _model_tensor(model: nn.Module, key: str) -> torch.Tensor | None:
     owner = _get(model, path)
     value = getattr(owner, attr, None) if owner is not None else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _created_in_forward(key: str) -> bool:
+    """Constants that torch.export lifts out of ``forward`` (``lifted_tensor_0``,
+    ``_tensor_constant0``): the model's code creates them on every call."""
+    return "." not in key and key.startswith(("lifted_tensor_", "_tensor_constant", "c_lifted_tensor_"))
 
 
 def _plan_attrs(plan: _Plan, graph: Graph, node: Any, model: nn.Module) -> None:

@@ -231,3 +231,25 @@ def test_load_names_a_missing_file(tmp_path) -> None:
     (tmp_path / "model.py").write_text("")
     with pytest.raises(gp.GraphError, match="weights.safetensors"):
         gp.load(tmp_path)
+
+
+def test_apply_ignores_tensors_the_forward_creates() -> None:
+    """torch.export lifts ``torch.tensor(...)`` made inside forward into a constant with no
+    home in the model (``lifted_tensor_0``); apply must not refuse it (raft_small does this)."""
+
+    class MakesATensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = torch.tensor([2.0, 0.5, 1.0])
+            return self.c2(F.relu(self.c1(x * scale.view(1, 3, 1, 1))))
+
+    model, x = randomize_(MakesATensor()).eval(), torch.randn(2, 3, 8, 8)
+    g = gp.trace(model, x)
+    assert any(k.startswith(("lifted_tensor", "_tensor_constant", "c_lifted")) for k in g.param_keys())
+    r = gp.run(g, "prune-channels{ratio=0.5}")
+    gp.apply(r, model)
+    assert model.c1.out_channels == 4
+    assert gp.verify.relative_error([model(x)], r.graph.run(x)) <= RTOL
