@@ -52,9 +52,9 @@ def example(name: str) -> torch.Tensor:
     return torch.randn(1, 3, size, size)
 
 
-def run_graphprune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[float, torch.nn.Module, float]:
+def run_graphprune(model: torch.nn.Module, x: torch.Tensor, ratio: float, capture: str = "auto") -> tuple[float, torch.nn.Module, float]:
     start = time.perf_counter()
-    graph = gp.trace(model, x)
+    graph = gp.trace(model, x, capture=capture)
     result = gp.get_pass("prune-channels")(ratio=ratio)(graph)
     module = result.graph.to_module()
     elapsed = time.perf_counter() - start
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per tool (median)")
+    parser.add_argument("--capture", default="auto", choices=("auto", "export", "fx"), help="graphprune's capture")
     parser.add_argument("--detection", action="store_true", help="the detection/segmentation/HF table instead")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model (--detection)")
     parser.add_argument("--jsonl", default="", help="(--detection) keep rows here and reuse them")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         err = float("nan")
         tp_note = ""
         for _ in range(args.repeat):
-            t, module, err = run_graphprune(model, x, args.ratio)
+            t, module, err = run_graphprune(model, x, args.ratio, args.capture)
             gp_times.append(t)
             gp_macs = macs_of(module, x)
             try:
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "yes" if err <= 1e-5 else f"NO ({err:.1e})",
         ))
         print(f"done {name}", file=sys.stderr, flush=True)
-    print(f"prune-channels ratio={args.ratio}, L1, random weights, 1 thread, median of {args.repeat}")
+    print(f"prune-channels ratio={args.ratio}, L1, random weights, 1 thread, median of {args.repeat}, capture={args.capture}")
     print(format_table(rows, ("model", "graphprune s", "Torch-Pruning s", "TP/gp time", "gp MACs after", "TP MACs after", "gp exact")))
     if speedups:
         print(f"\ngeometric-mean speed ratio (Torch-Pruning time / graphprune time): "
