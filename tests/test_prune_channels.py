@@ -210,3 +210,24 @@ def test_sample_net_round_to_and_min_keep_per_group(sample_graph: gp.Graph) -> N
     for gid, n in sizes.items():
         assert kept[gid] % 4 == 0 and kept[gid] >= 5, (gid, n, kept[gid])
         assert kept[gid] == min(n, 8), (gid, n, kept[gid])  # floor(0.9 n) leaves < 5, rounded to 8
+
+
+def test_global_scope_ranks_classes_by_group_normalised_scores() -> None:
+    """scope=global: each group's scores are divided by their mean over its prunable
+    classes, then the lowest of all groups go first (per-group min_keep still holds)."""
+    from test_importance import build, expected_hidden, expected_stream, kept_channels
+
+    model, graph = build()  # a 4-channel stream (two producers) and a 6-channel hidden group
+    stream, hidden = expected_stream(1, model), expected_hidden(1, model)
+    items = sorted([(v / stream.mean(), "c0", i) for i, v in enumerate(stream)]
+                   + [(v / hidden.mean(), "ch", i) for i, v in enumerate(hidden)])
+    removed = {"c0": set(), "ch": set()}
+    for _, label, i in items[:5]:  # floor(0.5 * 10)
+        removed[label].add(i)
+    want = {"c0": set(range(4)) - removed["c0"], "ch": set(range(6)) - removed["ch"]}
+    assert all(0 < len(k) for k in want.values()) and len(removed["c0"]) < 4
+    # unnormalised scores (the stream's sums of two members dominate) would remove other channels
+    raw = sorted([(v, "c0", i) for i, v in enumerate(stream)] + [(v, "ch", i) for i, v in enumerate(hidden)])
+    assert {(label, i) for _, label, i in raw[:5]} != {(label, i) for _, label, i in items[:5]}
+    r = gp.run(graph, "prune-channels{ratio=0.5,scope=global}").results[0]
+    assert {label: kept_channels(r, graph, label) for label in ("c0", "ch")} == want
