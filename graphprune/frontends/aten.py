@@ -13,7 +13,6 @@ classified ``unknown``, which freezes its channels with a reason that names it.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -371,7 +370,7 @@ _register(_prelu, "prelu", "_prelu_kernel")
 _register(_activation, *_ZERO_PRESERVING, *_NOT_ZERO_PRESERVING, "hardtanh", "hardtanh_", "clamp", "clamp_",
           "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")
 _register(_identity, "dropout", "dropout_", "alpha_dropout", "feature_dropout", "feature_alpha_dropout", "clone",
-          "contiguous", "alias", "detach", "detach_", "lift_fresh_copy", "_to_copy", "to", "type_as", "_assert_tensor_metadata")
+          "contiguous", "alias", "detach", "detach_", "lift_fresh_copy", "_to_copy", "to", "type_as")
 for _kind, _names in {"add": ("add", "add_"), "sub": ("sub", "sub_"), "mul": ("mul", "mul_"), "div": ("div", "div_")}.items():
     _register(_binary(_kind), *_names)
 _register(_expand_as, "expand_as")
@@ -392,7 +391,7 @@ _register(_spatial("pool"), "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1
           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
           "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices", "upsample_nearest1d",
           "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d",
-          "upsample_linear1d", "upsample_trilinear3d", "_upsample_bilinear2d_aa", "pixel_shuffle_spatial_only")
+          "upsample_linear1d", "upsample_trilinear3d", "_upsample_bilinear2d_aa")
 _register(_spatial("pad"), "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
           "replication_pad1d", "replication_pad2d", "replication_pad3d")
 _register(_matmul, "matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_product_attention")
@@ -403,9 +402,5 @@ def classify_aten(n: fx.Node) -> Classified:
     fn = _TABLE.get(packet_name(n))
     if fn is None:
         return Classified("unknown", _tensor_args(n))
-    # pooling with indices returns (values, indices): only values carry channels
     return fn(n)
 
-
-# operator.getitem on a tuple-producing aten node is folded by the fx view
-GETITEM = operator.getitem
