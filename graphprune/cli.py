@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `graphprune inspect m.onnx | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (PassOptionError, BudgetError, CheckInputError, GraphError, FileNotFoundError) as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

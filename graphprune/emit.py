@@ -18,7 +18,9 @@ from .graph import GraphError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.  The file
+    gets the mode a plain ``open`` would give it (``0o666`` less the umask), not
+    ``mkstemp``'s private ``0o600``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -26,11 +28,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[str]
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_module_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: str, opset: int = 17) -> None:

@@ -161,7 +161,7 @@ def optimize(args: argparse.Namespace) -> int:
     shapes = parse_input_shapes(args.input_shape)
 
     started = time.perf_counter()
-    bar = tqdm(total=len(passes) + 2, desc="load", file=sys.stderr, disable=args.no_progress, leave=False)
+    bar = tqdm(total=len(passes) + 2, desc="load", file=sys.stderr, disable=args.no_progress or not sys.stderr.isatty(), leave=False)
     try:
         graph = load_onnx(src, shapes)
         graph.frontend.session()  # fails early (exit 2) when onnxruntime cannot run the input

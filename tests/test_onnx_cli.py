@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -220,7 +221,7 @@ def test_inspect_shows_why_ops_are_unknown(tmp_path, capsys) -> None:
 
 
 def test_entry_point_runs(model_path: str, tmp_path) -> None:
-    """The installed console script, end to end, with its progress bar on stderr."""
+    """The installed console script, end to end (no progress bar: stderr is not a terminal)."""
     out = str(tmp_path / "cli.onnx")
     exe = os.path.join(os.path.dirname(sys.executable), "graphprune")
     proc = subprocess.run([exe, "optimize", model_path, "-o", out, "-p", "prune-channels{ratio=0.25}",
@@ -239,3 +240,33 @@ def test_optimize_with_a_no_op_pipeline_writes_the_model(model_path: str, tmp_pa
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     got, want = ort_run(out, x), ort_run(model_path, x)
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= RTOL
+
+
+def test_outputs_get_the_usual_umask_mode(model_path: str, tmp_path, capsys) -> None:
+    """Written files are readable like any file the user makes (not mkstemp's 0600)."""
+    out = tmp_path / "slim.onnx"
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli(capsys, "optimize", model_path, "-o", str(out), "-p", "prune-channels{ratio=0.3}",
+                           "--input-shape", "input:1,3,32,32", "--no-progress")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(model_path: str) -> None:
+    """`graphprune inspect m.onnx | head -1`: no BrokenPipeError traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "graphprune")
+    proc = subprocess.run(f"'{exe}' inspect '{model_path}' --input-shape input:1,3,32,32 | head -1", shell=True, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip()
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_no_progress_frames_when_stderr_is_not_a_terminal(model_path: str, tmp_path) -> None:
+    exe = os.path.join(os.path.dirname(sys.executable), "graphprune")
+    proc = subprocess.run([exe, "optimize", model_path, "-o", str(tmp_path / "o.onnx"), "-p", "prune-channels{ratio=0.3}",
+                           "--input-shape", "input:1,3,32,32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "%|" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr  # no tqdm frames in a log
