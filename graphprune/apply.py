@@ -90,7 +90,7 @@ def _plan(graph: Graph, model: nn.Module) -> _Plan:
                     plan.tensors[key] = value
             elif _created_in_forward(key):
                 continue  # a tensor the model's forward makes itself; the trial run checks it
-            elif not any(key.startswith(r + "_gp") for r in replaced) and ".index" not in key:
+            elif not any(key.startswith(r + "_gp") for r in replaced) and not key.startswith("gp_gather_"):
                 raise ApplyError(f"{node}: parameter `{key}` is not in the model (was the graph captured from it?)")
         _plan_attrs(plan, graph, node, model)
     for e in edits:

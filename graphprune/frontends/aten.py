@@ -76,27 +76,35 @@ def _weights(kind: str, x: fx.Node, n: fx.Node, **params: Any) -> Classified:
     return Classified(kind, [x], {}, roles)
 
 
-def _conv(n: fx.Node) -> Classified:
-    """aten.conv{1,2,3}d(input, weight, bias, stride, padding, dilation, groups)."""
-    x, w, b, stride, padding, dilation, groups = conv_args(n)
-    c = _weights("conv", x, n, weight=w, bias=b)
-    if c.kind != "conv":
-        return c
+def _conv_attrs(w: fx.Node, stride: Any, padding: Any, dilation: Any, groups: Any) -> dict[str, Any] | None:
+    """Canonical conv attrs from aten arguments; ``None`` for a string padding other than
+    ``valid`` or a stride-1 ``same`` (which pad by ``d(k-1)``, the extra one at the end)."""
     shape = w.meta["tensor_meta"].shape
     nd = len(shape) - 2
     kernel = tuple(int(k) for k in shape[2:])
     dil = _ints(dilation, nd)
     if isinstance(padding, str):
         if padding == "valid":
-            pads = (0,) * (2 * nd)
+            pads: tuple[int, ...] = (0,) * (2 * nd)
         elif padding == "same" and _ints(stride, nd) == (1,) * nd:
             total = [d * (k - 1) for d, k in zip(dil, kernel)]
             pads = tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
         else:
-            return Classified("unknown", [x], {"why": f"padding `{padding}`"})
+            return None
     else:
         pads = _ints(padding, nd) * 2
-    c.attrs = {"groups": int(groups), "stride": _ints(stride, nd), "dilation": dil, "kernel": kernel, "pads": pads}
+    return {"groups": int(groups), "stride": _ints(stride, nd), "dilation": dil, "kernel": kernel, "pads": pads}
+
+
+def _conv(n: fx.Node) -> Classified:
+    """aten.conv{1,2,3}d(input, weight, bias, stride, padding, dilation, groups)."""
+    x, w, b, stride, padding, dilation, groups = conv_args(n)
+    c = _weights("conv", x, n, weight=w, bias=b)
+    if c.kind == "conv":
+        attrs = _conv_attrs(w, stride, padding, dilation, groups)
+        if attrs is None:
+            return Classified("unknown", [x], {"why": f"padding `{padding}`"})
+        c.attrs = attrs
     return c
 
 
@@ -108,12 +116,8 @@ def _convolution(n: fx.Node) -> Classified:
     x, w, b = n.args[0], n.args[1], _arg(n, 2, "bias")
     c = _weights("conv", x, n, weight=w, bias=b)
     if c.kind == "conv":
-        nd = len(w.meta["tensor_meta"].shape) - 2
-        c.attrs = {
-            "groups": int(_arg(n, 8, "groups", 1)), "stride": _ints(_arg(n, 3, "stride", 1), nd),
-            "dilation": _ints(_arg(n, 5, "dilation", 1), nd), "kernel": tuple(int(k) for k in w.meta["tensor_meta"].shape[2:]),
-            "pads": _ints(_arg(n, 4, "padding", 0), nd) * 2,
-        }
+        c.attrs = _conv_attrs(w, _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0), _arg(n, 5, "dilation", 1),
+                              _arg(n, 8, "groups", 1)) or {}
     return c
 
 
@@ -122,12 +126,8 @@ def _conv_transpose(n: fx.Node) -> Classified:
     x, w, b = n.args[0], n.args[1], _arg(n, 2, "bias")
     c = _weights("conv_transpose", x, n, weight=w, bias=b)
     if c.kind == "conv_transpose":
-        nd = len(w.meta["tensor_meta"].shape) - 2
-        c.attrs = {
-            "groups": int(_arg(n, 6, "groups", 1)), "stride": _ints(_arg(n, 3, "stride", 1), nd),
-            "dilation": _ints(_arg(n, 7, "dilation", 1), nd), "kernel": tuple(int(k) for k in w.meta["tensor_meta"].shape[2:]),
-            "pads": _ints(_arg(n, 4, "padding", 0), nd) * 2,
-        }
+        c.attrs = _conv_attrs(w, _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0), _arg(n, 7, "dilation", 1),
+                              _arg(n, 6, "groups", 1)) or {}
     return c
 
 

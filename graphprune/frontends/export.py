@@ -22,7 +22,6 @@ The captured graph is in eval mode: batch norm uses its running statistics whate
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -32,7 +31,7 @@ import torch.nn as nn
 
 from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
-from .fx import CaptureError, FxFrontend, _flatten_nodes, _graph_module, _is_tensor_meta, _shallow_tree, _tuple_source
+from .fx import CaptureError, FxFrontend, _graph_module, _shallow_tree
 from .fx_build import resolve_input, split_pads
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
@@ -128,40 +127,20 @@ class ExportFrontend(FxFrontend):
         self.edits: list[Edit] = list(edits or [])
 
     # ----------------------------------------------------------------- reading
-    def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]:
-        values: dict[str, ValueInfo] = {}
-        fx_nodes = list(self.gm.graph.nodes)
-        for n in fx_nodes:
-            meta = n.meta.get("tensor_meta")
-            if _is_tensor_meta(meta):
-                values[n.name] = ValueInfo(n.name, tuple(int(s) for s in meta.shape), str(meta.dtype))
-        classified = {n: classify_aten(n) for n in fx_nodes if is_aten(n)}
-        param_uses: dict[fx.Node, int] = {}
-        for c in classified.values():
+    def _begin_view(self, fx_nodes: list[fx.Node]) -> None:
+        """Classify the aten nodes, and count which ``get_attr`` uses are op parameters."""
+        self._aten = {n: classify_aten(n) for n in fx_nodes if is_aten(n)}
+        self._param_uses: dict[fx.Node, int] = {}
+        for c in self._aten.values():
             for p in c.params.values():
-                param_uses[p] = param_uses.get(p, 0) + 1
-        nodes: list[Node] = []
-        inputs: list[str] = []
-        outputs: list[str] = []
-        for n in fx_nodes:
-            if n.op == "placeholder":
-                if n.name in values:
-                    inputs.append(n.name)
-            elif n.op == "output":
-                outputs = [a.name for a in _flatten_nodes(n.args) if a.name in values]
-            elif n.op == "call_function" and n.target is operator.getitem and _tuple_source(n) is not None:
-                continue  # folded into the producer's outputs
-            elif n.op == "get_attr" and param_uses.get(n, 0) == len(n.users):
-                continue  # a weight: part of its op's params
-            elif n in classified:
-                view_node = self._aten_node(n, classified[n], values)
-                if view_node is not None:
-                    nodes.append(view_node)
-            else:
-                view_node = self._classify(n, values)
-                if view_node is not None:
-                    nodes.append(view_node)
-        return nodes, values, inputs, outputs
+                self._param_uses[p] = self._param_uses.get(p, 0) + 1
+
+    def _classify(self, n: fx.Node, values: dict[str, ValueInfo]) -> Node | None:
+        if n in self._aten:
+            return self._aten_node(n, self._aten[n], values)
+        if n.op == "get_attr" and self._param_uses.get(n, 0) == len(n.users):
+            return None  # a weight: part of its op's params
+        return super()._classify(n, values)
 
     def _aten_node(self, n: fx.Node, c: Any, values: dict[str, ValueInfo]) -> Node | None:
         outs = self._outputs(n, values)

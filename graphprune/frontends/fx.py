@@ -13,10 +13,7 @@ applied to the original module for fine-tuning.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
-import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -193,6 +190,7 @@ class FxFrontend:
             meta = n.meta.get("tensor_meta")
             if _is_tensor_meta(meta):
                 values[n.name] = ValueInfo(n.name, tuple(int(s) for s in meta.shape), str(meta.dtype))
+        self._begin_view(fx_nodes)
         for n in fx_nodes:
             if n.op == "placeholder":
                 if n.name in values:
@@ -207,6 +205,9 @@ class FxFrontend:
             if view_node is not None:
                 nodes.append(view_node)
         return nodes, values, inputs, outputs
+
+    def _begin_view(self, fx_nodes: list[fx.Node]) -> None:
+        """Hook run before classification (the export frontend classifies aten ops here)."""
 
     def _tensor_inputs(self, n: fx.Node, values: dict[str, ValueInfo]) -> list[str]:
         return [a.name for a in _flatten_nodes((n.args, n.kwargs)) if a.name in values]
