@@ -8,11 +8,11 @@ caller holds to numpy *without importing torch*: a torch tensor is recognised by
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["as_numpy", "as_numpy_list", "is_floating", "is_torch_tensor"]
+__all__ = ["as_numpy", "is_torch_tensor"]
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -33,13 +33,3 @@ def as_numpy(x: Any) -> np.ndarray:
             t = t.float()
         return t.numpy()
     return np.asarray(x)
-
-
-def as_numpy_list(xs: Sequence[Any]) -> list[np.ndarray]:
-    """Each item of ``xs`` as a numpy array."""
-    return [as_numpy(x) for x in xs]
-
-
-def is_floating(x: Any) -> bool:
-    """``x`` (array, tensor or dtype-bearing object) holds floating-point values."""
-    return bool(np.issubdtype(as_numpy(x).dtype, np.floating))
