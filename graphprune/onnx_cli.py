@@ -341,8 +341,8 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
         "pipeline": specs, "lossless": bool(args.lossless),
         "input_shapes": {k: list(v) for k, v in graph.frontend.input_shapes().items()},
         "passes": [
-            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records,
-             "check": c.as_dict() if c is not None else None}
+            {"pass": spec, "modified": r.modified, "no_change": r.no_change or None, "frozen": r.frozen,
+             "seconds": t, "records": r.records, "check": c.as_dict() if c is not None else None}
             for spec, r, t, c in zip(specs, result.results, result.timings, result.checks)
         ],
         "layers": layer_rows(graph, result.graph),
@@ -356,7 +356,10 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
 def _print_summary(graph: Graph, result: PipelineResult, check: _Check, seconds: float, dst: str) -> None:
     t = _totals(graph, result.graph)
     for r, secs in zip(result.results, result.timings):
-        print(f"{r.pass_name}: {'modified' if r.modified else 'no change'} ({secs:.2f}s)")
+        why = f": {r.no_change}" if not r.modified and r.no_change else ""
+        print(f"{r.pass_name}: {'modified' if r.modified else 'no change'}{why} ({secs:.2f}s)")
+        for unit, reason in r.frozen.items():
+            print(f"  froze {r.units.get(unit, unit)}: {reason}")
     print(f"MACs   {t['macs_before']:,} -> {t['macs_after']:,} ({t['macs_ratio']:.1%})")
     print(f"params {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.1%})")
     if check.outcome is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Collection
 
 from .errors import BudgetError, PassOptionError, VerificationError
 from .graph import Graph, GraphError
@@ -28,14 +28,29 @@ class PassResult:
 
     ``projection`` is the decision as a change of weights of ``input_graph``;
     :meth:`reference` applies it, :meth:`projected_model` keeps it applied on a model.
+
+    ``units`` names the decision's independent parts (a pruning group, a layer) with what
+    each covers (those in ``frozen`` were not applied); ``redo(frozen)``, when the pass provides it, rewrites ``input_graph``
+    again with the same decision minus the ``frozen`` units.  ``frozen`` maps the units
+    left as they were to the reason (``"inexact here: max error 2e-04"``, filled by the
+    pass manager, :mod:`graphprune.freeze`); ``no_change`` says why nothing changed.
     """
 
-    graph: Graph
+    graph: Graph = field(repr=False)
     modified: bool
-    input_graph: Graph
-    projection: Projection = field(default_factory=Projection)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    input_graph: Graph = field(repr=False)
+    projection: Projection = field(default_factory=Projection, repr=False)
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
     pass_name: str = ""
+    units: dict[str, str] = field(default_factory=dict, repr=False)
+    frozen: dict[str, str] = field(default_factory=dict)
+    no_change: str = ""
+    redo: Callable[[Collection[str]], PassResult] | None = field(default=None, compare=False, repr=False)
+
+    def __repr__(self) -> str:
+        what = "modified" if self.modified else f"no change{': ' + self.no_change if self.no_change else ''}"
+        frozen = f", {len(self.frozen)} units frozen" if self.frozen else ""
+        return f"<{type(self).__name__} {self.pass_name or '?'}: {what}, {len(self.records)} records{frozen}>"
 
     def reference(self) -> Graph:
         """The input graph with projected weights: what ``graph`` must compute."""
@@ -46,7 +61,11 @@ class PassResult:
         return self.projection.projected_model(model)
 
     def summary(self) -> str:
-        return f"{self.pass_name}: {'modified' if self.modified else 'unchanged'}, {len(self.records)} records"
+        """One line: modified or why not, and what was frozen."""
+        if not self.modified:
+            return f"{self.pass_name}: no change" + (f" ({self.no_change})" if self.no_change else "")
+        frozen = f"; froze {len(self.frozen)} ({', '.join(self.frozen)})" if self.frozen else ""
+        return f"{self.pass_name}: modified, {len(self.records)} records{frozen}"
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection
 
 import numpy as np
 
@@ -98,12 +99,29 @@ class PruneChannels(Pass):
         analysis = analyse(graph, ignore=self.ignore)
         keep = self.decide(graph, analysis, data)
         keep = {gid: k for gid, k in keep.items() if not k.all()}
+        result = self._rewrite(graph, analysis, keep)
+        if not keep:
+            result.no_change = _why_nothing(analysis, self.lossless)
+        return result
+
+    def _rewrite(self, graph: Graph, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> PassResult:
+        """Remove the classes ``keep`` drops (per group id) from a copy of ``graph``.  The
+        result's decision units are the groups; ``redo(frozen)`` rewrites again without the
+        frozen groups (same decision for the others)."""
         projection = channel_projection(graph, analysis, keep)
         work = graph.copy()
         removed = remove_channels(work, analysis, keep) if keep else 0
         records = self._records(analysis, keep)
         logger.info("prune-channels: removed %d channels in %d groups", removed, len(keep))
-        return PassResult(work, bool(removed), graph, projection, records)
+        result = PassResult(work, bool(removed), graph, projection, records)
+        groups = {g.id: g for g in analysis.groups}
+        result.units = {_unit(gid): f"{_unit(gid)} {_layers(groups[gid])}" for gid in keep}
+
+        def redo(frozen: Collection[str]) -> PassResult:
+            return self._rewrite(graph, analysis, {gid: k for gid, k in keep.items() if _unit(gid) not in frozen})
+
+        result.redo = redo
+        return result
 
     def _records(self, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> list[dict]:
         out = []
@@ -236,6 +254,30 @@ class PruneChannels(Pass):
             else:
                 lo = mid + 1
         return self._cut(groups, order, lo)
+
+
+def _unit(gid: int) -> str:
+    return f"group {gid}"
+
+
+def _layers(group: PruningGroup) -> str:
+    """``[conv1, bn1, conv2 (+3)]``: the layers whose parameters the group slices."""
+    text = group.describe()
+    return text[text.index("["):]
+
+
+def _why_nothing(analysis: CouplingAnalysis, lossless: bool) -> str:
+    """Why no channel was removed: no group, every group frozen (with the commonest
+    reasons), or (lossless) no channel provably zero."""
+    if not analysis.groups:
+        return "no pruning groups (no conv or linear produces channels)"
+    if not any(g.prunable.any() for g in analysis.groups):
+        counts = Counter(r for g in analysis.groups for r in g.reasons.values())
+        main = "; ".join(f"{r} ({n}x)" for r, n in counts.most_common(3))
+        return f"every group is frozen ({len(analysis.groups)} groups): {main}"
+    if lossless:
+        return "no prunable channel is zero (lossless removes only channels that are provably zero)"
+    return "the target removes no channel (ratio too small for the groups, or min_keep/round_to keep them)"
 
 
 def _keep_every_port(group: PruningGroup, keep: np.ndarray) -> np.ndarray:
