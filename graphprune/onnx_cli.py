@@ -108,6 +108,9 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance of the checks, relative to output scale (default: measured from the model's own "
                         "noise between onnxruntime optimisation levels, x4, within [1e-5, 1e-4])")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="refuse when a pass's check fails, instead of freezing the groups or layers responsible "
+                        "(found by bisection) and keeping the rest")
     p.add_argument("--external-data", action="store_true", help="store tensors in OUT.onnx.data (automatic above 1.5 GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -174,7 +177,7 @@ def optimize(args: argparse.Namespace) -> int:
 
         data = load_calibration(args.calibration, graph) if args.calibration else None
         manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless,
-                              check_inputs=samples, data=data)
+                              check_inputs=samples, data=data, freeze=not args.no_freeze)
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
         check = _Check(args, graph, result, samples)
