@@ -83,7 +83,21 @@ class Pass:
         result = self.call(graph, data=data) if self.uses_data else self.call(graph)  # type: ignore[call-arg]
         result.pass_name = self.name
         self.ensures(result)
+        if not result.modified and not result.no_change:
+            result.no_change = self.why_unchanged(result)
         return result
+
+    def why_unchanged(self, result: PassResult) -> str:
+        """Why ``result`` changed nothing, from the layers the pass left alone
+        (``result.skipped``, layer -> reason) when it records them."""
+        skipped: dict[str, str] = getattr(result, "skipped", {}) or {}
+        lossless = bool(getattr(self, "is_lossless", getattr(self, "lossless", False)))
+        shown = "; ".join(f"{layer}: {why}" for layer, why in list(skipped.items())[:3])
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        alone = f"; {len(skipped)} layers left alone: {shown}{more}" if skipped else ""
+        if lossless:
+            return f"no structure is already zero or low-rank (the lossless setting removes only that){alone}"
+        return f"no layer qualified under {self.spec()}{alone}"
 
     def validate(self) -> None:
         """Check option values; raise :class:`PassOptionError` naming the option."""

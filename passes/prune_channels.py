@@ -101,7 +101,7 @@ class PruneChannels(Pass):
         keep = {gid: k for gid, k in keep.items() if not k.all()}
         result = self._rewrite(graph, analysis, keep)
         if not keep:
-            result.no_change = _why_nothing(analysis, self.lossless)
+            result.no_change = _why_nothing(graph, analysis, self.lossless)
         return result
 
     def _rewrite(self, graph: Graph, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> PassResult:
@@ -266,9 +266,10 @@ def _layers(group: PruningGroup) -> str:
     return text[text.index("["):]
 
 
-def _why_nothing(analysis: CouplingAnalysis, lossless: bool) -> str:
+def _why_nothing(graph: Graph, analysis: CouplingAnalysis, lossless: bool) -> str:
     """Why no channel was removed: no group, every group frozen (with the commonest
-    reasons), or (lossless) no channel provably zero."""
+    reasons), or (lossless) no channel provably zero, naming the constant channels (zero
+    filter, nonzero bias) that lossless cannot remove."""
     if not analysis.groups:
         return "no pruning groups (no conv or linear produces channels)"
     if not any(g.prunable.any() for g in analysis.groups):
@@ -276,8 +277,32 @@ def _why_nothing(analysis: CouplingAnalysis, lossless: bool) -> str:
         main = "; ".join(f"{r} ({n}x)" for r, n in counts.most_common(3))
         return f"every group is frozen ({len(analysis.groups)} groups): {main}"
     if lossless:
+        constant = _constant_channels(graph, analysis)
+        if constant:
+            return (f"no prunable channel is zero; {constant} channels have an all-zero filter but a nonzero bias, "
+                    "so they output a constant, not zero (a batchnorm folded after zeroed conv weights gives "
+                    "bias' = beta - mean * gamma / sqrt(var + eps)): zero the batchnorm's scale and shift instead, "
+                    "or prune them with a ratio")
         return "no prunable channel is zero (lossless removes only channels that are provably zero)"
     return "the target removes no channel (ratio too small for the groups, or min_keep/round_to keep them)"
+
+
+def _constant_channels(graph: Graph, analysis: CouplingAnalysis) -> int:
+    """How many prunable produced channels have an all-zero weight slice and a nonzero bias."""
+    count = 0
+    for g in analysis.groups:
+        for port, members in g.members.items():
+            for m in members:
+                if m.coupling.role != "produce" or "bias" not in m.node.params:
+                    continue
+                axes = dict(m.coupling.slices)
+                w, b = graph.node_param(m.node, "weight"), graph.node_param(m.node, "bias")
+                if w is None or b is None or "weight" not in axes:
+                    continue
+                w = np.moveaxis(np.asarray(w), axes["weight"], 0).reshape(g.sizes[port], -1)
+                zero_filter = (w == 0).all(1) & (np.asarray(b).reshape(-1) != 0) & g.prunable[g.class_of[port]]
+                count += int(zero_filter.sum())
+    return count
 
 
 def _keep_every_port(group: PruningGroup, keep: np.ndarray) -> np.ndarray:
