@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PassOptionError, BudgetError, CheckInputError, GraphError, FileNotFoundError) as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # an unreadable input, a full disk, a folder that went away: one line naming the path
+        where = f" `{exc.filename}`" if exc.filename else ""
+        print(f"graphprune: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except VerificationError as exc:
         print(f"graphprune: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK

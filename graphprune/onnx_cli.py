@@ -24,12 +24,13 @@ Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input (no output w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -146,6 +147,7 @@ def optimize(args: argparse.Namespace) -> int:
     """Run a pass pipeline on an ONNX file and write the slimmed model."""
     from tqdm import tqdm
 
+    from .emit import check_writable
     from .frontends.onnx import load_onnx, save_model
 
     src, dst = args.input, args.output
@@ -153,6 +155,9 @@ def optimize(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such file: `{src}`")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise GraphError(f"-o `{dst}` is the input file: graphprune never overwrites its input, choose another path")
+    check_writable(dst, "-o")
+    if args.report:
+        check_writable(args.report, "--report")
     if args.check < 0:
         raise GraphError("--check must be 0 or more")
     if args.rtol is not None and not args.rtol > 0:
@@ -181,15 +186,27 @@ def optimize(args: argparse.Namespace) -> int:
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
         check = _Check(args, graph, result, samples)
-        save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
-                   protect=[src], check=check)
+        with _writing(dst):
+            save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
+                       protect=[src], check=check)
         bar.update(1)
     finally:
         bar.close()
     _print_summary(graph, result, check, time.perf_counter() - started, dst)
     if args.report:
-        _write_report(args.report, args, [p.spec() for p in manager.passes], graph, result, check)
+        with _writing(args.report):
+            _write_report(args.report, args, [p.spec() for p in manager.passes], graph, result, check)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn an OS error while writing ``path`` (a full disk, a folder removed meanwhile)
+    into one line naming the user's path, not the temporary file's."""
+    try:
+        yield
+    except OSError as exc:
+        raise GraphError(f"cannot write `{path}`: {exc.strerror or exc}") from None
 
 
 class _Check:

@@ -78,6 +78,7 @@ from graphprune.channels import reindex_params
 from graphprune.cost import node_macs
 from graphprune.coupling import PruningGroup, analyse
 from graphprune.graph import Graph, Node, Port
+from graphprune.names import resolve_names
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
 
@@ -137,7 +138,7 @@ def _why_not_eligible(graph: Graph, node: Node, ignore: set[str], shared: set[st
     """Why ``node`` cannot become a grouped conv, or ``None`` if it can."""
     if node.kind != "conv":
         return "not a conv"
-    if node.label in ignore or node.name in ignore:
+    if node.name in ignore:
         return "ignored"
     if int(node.attrs.get("groups", 1)) != 1:
         return "already grouped (skipped, not refined)"
@@ -244,7 +245,7 @@ class GroupConvs(Pass):
     # ---------------------------------------------------------------- layers
     def _layers(self, graph: Graph) -> list[_Layer]:
         """Eligible convs with their candidate group counts and block solutions."""
-        ignore, shared = set(self.ignore), _shared_keys(graph)
+        ignore, shared = resolve_names(graph, self.ignore), _shared_keys(graph)
         out = []
         for node in graph.nodes:
             why = _why_not_eligible(graph, node, ignore, shared)
