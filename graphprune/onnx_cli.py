@@ -37,6 +37,7 @@ import torch
 
 from .cli_base import EXIT_OK, command, format_table
 from .graph import Graph, GraphError, Node
+from .pass_api import TARGET_OPTIONS
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
 from .probes import check_samples, parse_input_values
 from .verify import ExactnessCheck, measured_tolerance, reference_noise, relative_error
@@ -74,6 +75,10 @@ def _with_lossless(pipeline: str) -> str:
         name, brace, rest = item.partition("{")
         fields = {f.name for f in dataclasses.fields(get_pass(name.strip()))}
         body = rest[:-1].strip() if brace and rest.endswith("}") else rest
+        given = [o.strip() for o in _split_top(body) if o.partition("=")[0].strip() in TARGET_OPTIONS]
+        if given:
+            raise GraphError(f"--lossless conflicts with {', '.join(given)} in `{item.strip()}`: --lossless removes only "
+                             "structure that is already zero; drop one of them")
         if "lossless" in fields and "lossless=" not in body.replace(" ", ""):
             body = f"{body},lossless=true" if body else "lossless=true"
         items.append(f"{name.strip()}{{{body}}}" if body else name.strip())

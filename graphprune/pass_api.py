@@ -77,6 +77,7 @@ class Pass:
     """A pass that can use calibration data sets this; its ``call`` takes ``data=``."""
 
     def __call__(self, graph: Graph, data: Any = None) -> PassResult:
+        self.check_lossless()
         self.validate()
         self.requires(graph)
         self.requires_data(data)
@@ -101,6 +102,20 @@ class Pass:
 
     def validate(self) -> None:
         """Check option values; raise :class:`PassOptionError` naming the option."""
+
+    def check_lossless(self) -> None:
+        """``lossless=true`` removes only structure that is already zero, so a target
+        (``ratio``, ``macs``, ``energy``, ``rank``) beside it would be silently ignored:
+        refuse the pair, naming both.  (``group-convs`` takes ``groups``/``budget`` with
+        ``lossless`` as a constraint: only lossless group counts.)"""
+        if not getattr(self, "lossless", False):
+            return
+        given = [f"{n}={getattr(self, n)}" for n in TARGET_OPTIONS if getattr(self, n, None) is not None]
+        if given:
+            raise PassOptionError(
+                f"{self.name}: lossless conflicts with {', '.join(given)} (lossless removes only what is already "
+                "zero; a target prunes more): give one of them"
+            )
 
     def requires(self, graph: Graph) -> None:
         """Precondition on the input graph."""
@@ -131,6 +146,9 @@ class Pass:
                 opts.append(f"{f.name}={_format_value(value)}")
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
+
+TARGET_OPTIONS = ("ratio", "macs", "energy", "rank")
+"""Options that set how much a pass removes; none may be given with ``lossless``."""
 
 PASSES: dict[str, type[Pass]] = {}
 

@@ -107,6 +107,7 @@ def make_pass(name: str, options: dict[str, Any]) -> Pass:
             raise PassOptionError(f"{name}: unknown option `{key}` (options: {', '.join(fields) or 'none'})")
         values[key] = _convert(name, key, raw, hints[key]) if isinstance(raw, str) else raw
     p = cls(**values)
+    p.check_lossless()
     p.validate()
     return p
 

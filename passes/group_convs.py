@@ -163,7 +163,24 @@ def _conv_params(graph: Graph, node: Node) -> int:
 @dataclass(frozen=True)
 class GroupConvs(Pass):
     """Turn dense convs into grouped convs, folding the channel permutations into the
-    neighbouring layers (see the module docstring for the cases handled and refused)."""
+    neighbouring layers (see the module docstring for the cases handled and refused).
+
+    Options:
+        groups: give every eligible conv this many groups (where it divides both channel counts).
+        budget: search group counts per conv keeping at most this fraction of the convs'
+            budget_unit, in (0, 1].
+        budget_unit: what budget counts: params, macs or latency (onnxruntime, CPU).
+        max_groups: largest group count considered.
+        min_channels_per_group: fewest input (and output) channels per group.
+        ns: alternating sorts per block of the permutation heuristic.
+        criterion: pair score: l2, l1, or taylor (needs data, gradients or scores).
+        lossless: only group counts whose off-block weight is exactly zero (alone: the
+            largest per conv; with groups or budget: restricts their candidates).
+        fold: fold the permutations into neighbouring layers (false: a gather for each).
+        ignore: convs left dense (node names, module paths or prefixes).
+        gradients: Python only: {weight key: dL/dW} for criterion=taylor.
+        scores: Python only: {weight key: F x C pair scores} for criterion=taylor.
+    """
 
     name = "group-convs"
     uses_data: ClassVar[bool] = True

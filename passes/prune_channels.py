@@ -58,7 +58,21 @@ logger = logging.getLogger(__name__)
 @register_pass
 @dataclass(frozen=True)
 class PruneChannels(Pass):
-    """Remove the least important channel classes of every pruning group."""
+    """Remove the least important channel classes of every pruning group.
+
+    Options:
+        ratio: fraction of each group's prunable channel classes to remove, in [0, 1)
+            (with scope=global: of all prunable classes).
+        macs: keep at most this fraction of the model's MACs, in (0, 1]; classes go in
+            global score order.
+        scope: `group` (ratio per group) or `global` (one ranking over all groups).
+        criterion: channel score: l1, l2, bn_scale, or kl / taylor (need calibration data).
+        round_to: keep a multiple of this many classes per group.
+        min_keep: keep at least this many classes per group.
+        ignore: layers whose channels stay (node names, module paths such as `fc` or
+            `layer1.0.conv1`, or module prefixes; `;`-separated on the command line).
+        lossless: remove only channels that are provably zero (output unchanged).
+    """
 
     name = "prune-channels"
     uses_data: ClassVar[bool] = True
