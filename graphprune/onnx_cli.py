@@ -177,7 +177,8 @@ def optimize(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(passes) + 2, desc="load", file=sys.stderr, disable=args.no_progress or not sys.stderr.isatty(), leave=False)
     try:
         graph = load_onnx(src, shapes)
-        graph.frontend.session()  # fails early (exit 2) when onnxruntime cannot run the input
+        if args.check > 0 and not _runnable(graph):
+            args.check = 0  # nothing can check the rewrite: the ops around the unrunnable one still prune
         samples = check_samples(graph, args.check_inputs, values=parse_input_values(args.input_value), n=args.check)
         bar.update(1)
 
@@ -212,6 +213,19 @@ def _writing(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise GraphError(f"cannot write `{path}`: {exc.strerror or exc}") from None
+
+
+def _runnable(graph: Graph) -> bool:
+    """Whether onnxruntime runs the input; if not (a custom-domain op it has no kernel
+    for), warn that the checks are skipped and return False."""
+    try:
+        graph.frontend.session()
+        return True
+    except GraphError as exc:
+        print(f"graphprune: warning: {exc}; the checks are skipped and the output is not verified numerically "
+              "(ops without a channel rule, such as custom-domain ops, keep their channels; --check 0 silences this)",
+              file=sys.stderr)
+        return False
 
 
 class _Check:
@@ -387,6 +401,8 @@ def _print_summary(graph: Graph, result: PipelineResult, check: _Check, seconds:
             print(f"  froze {r.units.get(unit, unit)}: {reason}")
     print(f"MACs   {t['macs_before']:,} -> {t['macs_after']:,} ({t['macs_ratio']:.1%})")
     print(f"params {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.1%})")
+    if check.outcome is None:
+        print("check: skipped (--check 0, or onnxruntime cannot run the model)")
     if check.outcome is not None:
         print(f"check: {check.n} {check.inputs_from} through onnxruntime, max relative difference "
               f"{check.outcome.error:.2e} vs the {check.against}; tolerance {check.outcome.tolerance_text()}")
