@@ -258,3 +258,38 @@ def test_to_onnx_after_fine_tuning_to_module_is_refused(tmp_path) -> None:
     assert not os.path.exists(tmp_path / "after.onnx")
     gp.trace(module.eval(), x).to_onnx(str(tmp_path / "tuned.onnx"))  # the way out: the tuned weights
     onnx.checker.check_model(onnx.load(str(tmp_path / "tuned.onnx")))
+
+
+# ------------------------------------------------------- dynamo exporter's view
+def test_reshape_segments_take_trailing_unit_axes() -> None:
+    from graphprune.rules import _reshape_segments
+
+    assert _reshape_segments((1, 512, 1, 1), (1, 512)) == [((0, 0), (0, 0)), ((1, 3), (1, 1))]
+    assert _reshape_segments((1, 512), (1, 512, 1, 1)) == [((0, 0), (0, 0)), ((1, 1), (1, 3))]
+    assert _reshape_segments((2, 6, 1), (2, 3, 4)) is None
+
+
+def test_dynamo_and_torchscript_exports_prune_the_same(tmp_path) -> None:
+    """resnet18 exported by both exporters: the dynamo one ends with
+    ReduceMean(keepdims) -> Reshape(1, 512) (a `view`), the TorchScript one with Flatten;
+    both prune the same channels, to the same MACs."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    paths = {}
+    for dynamo in (False, True):
+        paths[dynamo] = str(tmp_path / f"r18-{dynamo}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kwargs = {} if dynamo else {"opset_version": 17}
+            torch.onnx.export(model, (x,), paths[dynamo], dynamo=dynamo, input_names=["input"], **kwargs)
+    assert any(n.op_type == "Reshape" for n in onnx.load(paths[True]).graph.node)
+    macs, kept = {}, {}
+    for dynamo, path in paths.items():
+        graph = gp.load_onnx(path)
+        r = gp.run(graph, "prune-channels{ratio=0.3}").results[0]
+        macs[dynamo] = gp.graph_cost(r.graph).macs / gp.graph_cost(graph).macs
+        kept[dynamo] = sorted(rec["kept_classes"] for rec in r.records)
+    assert macs[True] == pytest.approx(macs[False], rel=1e-9) and kept[True] == kept[False]
+    assert macs[True] < 0.55
