@@ -32,14 +32,19 @@ class InexactPrune(PruneChannels):
     noise: float = 0.05
 
     def _rewrite(self, graph: gp.Graph, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> gp.PassResult:
-        result = super()._rewrite(graph, analysis, keep)
-        for label in self.bad_layers:
-            node = graph.find(label)
-            group = analysis.group_of(gp.Port(node.outputs[0], 1))
-            if group is not None and group.id in keep:
-                key = result.graph.find(label).params["weight"]
-                result.graph.set_param(key, result.graph.param(key) * (1 + self.noise))
-        return result
+        return _perturbed(super()._rewrite(graph, analysis, keep), graph, analysis, keep, self.bad_layers, self.noise)
+
+
+def _perturbed(result: gp.PassResult, graph: gp.Graph, analysis: CouplingAnalysis, keep: dict[int, np.ndarray],
+               bad_layers: tuple[str, ...], noise: float) -> gp.PassResult:
+    """``result`` with each bad layer's weight scaled by ``1 + noise`` when its output
+    group is among the rewritten ones."""
+    for label in bad_layers:
+        group = analysis.group_of(gp.Port(graph.find(label).outputs[0], 1))
+        if group is not None and group.id in keep:
+            key = result.graph.find(label).params["weight"]
+            result.graph.set_param(key, result.graph.param(key) * (1 + noise))
+    return result
 
 
 def _bad_group(graph: gp.Graph, label: str) -> str:
@@ -118,3 +123,36 @@ def test_short_reprs(sample_graph: gp.Graph) -> None:
     assert "prune-channels" in repr(result) and "modified" in repr(result)
     none = gp.run(sample_graph, "prune-channels{ratio=0}")
     assert "no change" in repr(none.results[0])
+
+
+def test_cli_freezes_reports_and_writes_an_exact_file(tmp_path, capsys, monkeypatch) -> None:
+    """On an ONNX file through `graphprune optimize`: the inexact group is printed and
+    listed in the report, the rest is pruned, and the written file passes the check."""
+    import json
+    import warnings
+
+    import torch
+
+    from graphprune.cli import main
+
+    path = str(tmp_path / "sample.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(sample_net(), (sample_input(),), path, dynamo=False, opset_version=17, input_names=["input"])
+    bad_layer = "/stage1/stage1.0/conv1/Conv"
+    original = PruneChannels._rewrite
+
+    def inexact(self, graph, analysis, keep):  # every prune-channels rewrite (and redo) now has the bug
+        return _perturbed(original(self, graph, analysis, keep), graph, analysis, keep, (bad_layer,), 0.05)
+
+    monkeypatch.setattr(PruneChannels, "_rewrite", inexact)
+    out, report = str(tmp_path / "slim.onnx"), str(tmp_path / "report.json")
+    code = main(["optimize", path, "-o", out, "-p", "prune-channels{ratio=0.5}", "--report", report, "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    bad = _bad_group(gp.load_onnx(path), bad_layer)
+    assert f"froze {bad} [" in stdout and "inexact here: max error" in stdout
+    data = json.load(open(report))
+    assert list(data["passes"][0]["frozen"]) == [bad]
+    assert data["check"]["max_difference"] <= data["check"]["rtol"] and data["totals"]["macs_ratio"] < 0.9
+
