@@ -5,7 +5,7 @@ changes that module, not the graph, so ``Graph.to_onnx()`` would silently export
 weights from before fine-tuning.  graphprune refuses instead: each emitted module's
 parameters and buffers are fingerprinted by identity and in-place version counter
 (every optimizer step, ``load_state_dict`` or ``copy_`` bumps it), and ``to_onnx`` raises
-:class:`GraphError` while a still-alive emitted module differs from its fingerprint,
+:class:`~graphprune.graph.GraphError` while a still-alive emitted module differs from its fingerprint,
 saying how to export the fine-tuned weights: trace the tuned module again
 (``gp.trace(tuned, x).to_onnx(path)``).
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import weakref
 from typing import Any
-
-from .graph import GraphError
 
 __all__ = ["EmittedModules"]
 
@@ -43,12 +41,14 @@ class EmittedModules:
             out.extend(name for name in before if now.get(name) != before[name])
         return out
 
-    def refuse_if_tuned(self, what: str) -> None:
+    def tuned_message(self, what: str) -> str | None:
+        """The refusal for ``what`` when an emitted module changed, else None."""
         changed = self.changed()
-        if changed:
-            shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3})" if len(changed) > 3 else "")
-            raise GraphError(
-                f"{what}: the module this graph emitted with to_module() has changed since ({shown}), e.g. by "
-                "fine-tuning; the graph still holds the weights from before.  Export the tuned module instead: "
-                "gp.trace(tuned, example_input).to_onnx(path)"
-            )
+        if not changed:
+            return None
+        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3})" if len(changed) > 3 else "")
+        return (
+            f"{what}: the module this graph emitted with to_module() has changed since ({shown}), e.g. by "
+            "fine-tuning; the graph still holds the weights from before.  Export the tuned module instead: "
+            "gp.trace(tuned, example_input).to_onnx(path)"
+        )

@@ -305,7 +305,9 @@ class Graph:
         """Write the graph as an ONNX file (atomically).  Refused while a module from
         :meth:`to_module` has been changed (fine-tuned) since: the file would hold the
         weights from before (see :mod:`graphprune.emitted`)."""
-        self._emitted.refuse_if_tuned(f"to_onnx(`{path}`)")
+        tuned = self._emitted.tuned_message(f"to_onnx(`{path}`)")
+        if tuned:
+            raise GraphError(tuned)
         self.frontend.to_onnx(path, **options)
 
     save_onnx = to_onnx
