@@ -29,7 +29,7 @@ from .graph import Graph
 from .pass_api import Pass, PassResult
 from .verify import ExactnessCheck
 
-__all__ = ["freeze_inexact", "restricted"]
+__all__ = ["can_freeze", "freeze_inexact", "restricted", "units_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ def restricted(p: Pass, graph: Graph, result: PassResult, frozen: Collection[str
     if "ignore" not in fields:
         raise NotImplementedError(f"{p.name}: cannot apply part of its decision")
     return dataclasses.replace(p, ignore=tuple(p.ignore) + tuple(sorted(frozen)))(graph, data=data)  # type: ignore[attr-defined]
+
+
+def can_freeze(p: Pass, result: PassResult) -> bool:
+    """Whether part of ``result``'s decision can be applied: it has units, and a ``redo``
+    or an ``ignore`` option to leave the frozen ones out."""
+    return bool(units_of(result)) and (result.redo is not None or any(f.name == "ignore" for f in dataclasses.fields(p)))
 
 
 def units_of(result: PassResult) -> dict[str, str]:

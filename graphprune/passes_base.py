@@ -20,7 +20,7 @@ from .errors import BudgetError, CheckInputError, PassOptionError, VerificationE
 from .graph import Graph
 from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re-exported: they lived here first)
 from .probes import CheckInputs, check_samples
-from .freeze import freeze_inexact, units_of
+from .freeze import can_freeze, freeze_inexact
 from .verify import ExactnessCheck, check_exact, refusal
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class PassManager:
             if self.verify and result.modified:
                 check = self._check(result, samples)
                 logger.info("%s: error %.2e, tolerance %s", p.spec(), check.error, check.tolerance_text())
-                if not check.passed and self.freeze and units_of(result):
+                if not check.passed and self.freeze and can_freeze(p, result):
                     result, check = freeze_inexact(p, current, result, lambda r: self._check(r, samples), self.data)
                     timings[-1] = time.perf_counter() - start
                 elif not check.passed:
