@@ -19,7 +19,14 @@ between onnxruntime optimisation levels x 4, within [1e-5, 1e-4]:
 :func:`graphprune.verify.measured_tolerance`).  The printed line and ``--report`` give
 the error, the tolerance and the measured noise.
 
-Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input (no output written).
+A pass whose check fails has its inexact groups or layers frozen and the rest kept
+(:mod:`graphprune.freeze`; the summary and ``--report`` list them), unless
+``--no-freeze``.  A model onnxruntime cannot run (a custom op without a kernel) is
+optimized unverified, with a warning.  ``-o`` and ``--report`` are checked for
+writability before any work.
+
+Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input or an I/O error (no
+output written; one line naming the path).
 """
 from __future__ import annotations
 
