@@ -213,8 +213,11 @@ def test_check_inputs_file_and_input_values(vad_path: str, tmp_path, capsys) -> 
     keyed = str(tmp_path / "keyed.npz")
     np.savez(keyed, **{"x:0": xs[0], "x:1": xs[1]}, state=np.zeros((1, 8, 16, 16), np.float32))
     code, _, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "b.onnx"), "-p", FACTORIZE,
-                       "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress")
+                       "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress", "--no-freeze")
     assert code == 1 and "on 2 inputs" in err and "tolerance 0.0001 (measured" in err
+    code, stdout, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "b.onnx"), "-p", FACTORIZE,
+                            "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress")
+    assert code == 0 and "inexact here" in stdout, err  # by default the layers responsible are frozen
     # --input-value alone fixes an input in every probe
     code, _, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "c.onnx"), "-p", FACTORIZE,
                        "--input-value", "state=0", "--input-value", "sr=16000", "--check", "2", "--no-progress")
