@@ -28,6 +28,7 @@ identity           dropout, identity, casts, contiguous
 pool, pad          spatial ops (pooling, resize, spatial padding); pad: attrs pads
 add sub mul div    elementwise with broadcasting; attrs tensor_positions, scalar
 concat, split      attrs axis; split: attrs sizes via ``set_attr(node, "sizes", [...])``
+slice              attrs axes (cut axes), ranges {axis: (start, end, step)} normalised bounds
 flatten            attrs start, end
 reshape            output shape from shape propagation; ``set_attr(node, "shape", {axis: n})``
 permute/transpose  attrs perm / axes
@@ -39,7 +40,8 @@ unknown            anything else (frozen)
 =================  ==========================================================================
 
 Edit attributes understood by ``set_attr``: ``groups`` (conv), ``num_groups`` (groupnorm),
-``pads``, ``stride``, ``dilation`` (conv), ``sizes`` (split), ``shape`` (reshape).
+``pads``, ``stride``, ``dilation`` (conv), ``sizes`` (split), ``shape`` (reshape),
+``range`` (slice: ``{axis: (start, end)}``, step 1).
 """
 from __future__ import annotations
 

@@ -475,13 +475,20 @@ def unsqueeze_rule(graph: Graph, node: Node, port: Port) -> Coupling:
 
 @rule("slice")
 def slice_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Slice keeps a range of indices on the axes ``attrs["axes"]`` it cuts: those freeze
-    (which channels survive depends on their position); every other axis passes through."""
+    """Slice ``y = x[..., start:end, ...]`` on a cut axis with step 1 is an offset: output
+    channel i is input channel start + i (``attrs["ranges"][axis] = (start, end, step)``).
+    Input channels outside the range reach no output; removing them only moves the bounds.
+    A stepped slice, or one whose bounds are unknown, freezes its cut axis; every other
+    axis passes through."""
     x, y = node.inputs[0], node.outputs[0]
     cut = {norm_axis(int(a), _rank(graph, x)) for a in node.attrs.get("axes", [])}
-    if port.axis in cut:
-        return frozen(f"{node} slices axis {port.axis}")
-    return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+    if port.axis not in cut:
+        return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+    bounds = node.attrs.get("ranges", {}).get(port.axis)
+    if bounds is None or int(bounds[2]) != 1:
+        return frozen(f"{node} slices axis {port.axis} with a step or bounds known only at run time")
+    start, end = int(bounds[0]), int(bounds[1])
+    return Coupling(links=[Link(Port(y, port.axis), Port(x, port.axis), start + np.arange(end - start))])
 
 
 @rule("gather")
@@ -589,6 +596,25 @@ def gather_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> Non
     new = position[index[kept_out]]
     old = graph.node_param(src, "value")
     graph.set_param(src.params["value"], torch.as_tensor(new, dtype=old.dtype))  # type: ignore[union-attr]
+
+
+@resize("slice")
+def slice_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> None:
+    """New bounds of a step-1 slice whose input or output lost channels: the kept input
+    channels in [start, end) are contiguous among the kept ones, so the new start counts
+    the kept channels before ``start`` and the new end adds the kept output count."""
+    x, y = node.inputs[0], node.outputs[0]
+    updates = {}
+    for axis, (start, end, _) in node.attrs.get("ranges", {}).items():
+        pin, pout = Port(x, axis), Port(y, axis)
+        if pin not in kept and pout not in kept:
+            continue
+        kept_in = kept.get(pin, np.arange(graph.shape(x)[axis]))  # type: ignore[index]
+        new_start = int(np.count_nonzero(kept_in < start))
+        n_out = len(kept[pout]) if pout in kept else end - start
+        updates[axis] = (new_start, new_start + n_out)
+    if updates:
+        graph.set_attr(node, "range", updates)
 
 
 @resize("reshape")

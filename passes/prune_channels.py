@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels
+from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels, unread_classes
 from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
@@ -124,6 +124,10 @@ class PruneChannels(Pass):
         """Per group, a keep mask over its channel classes; every port keeps a channel."""
         groups = {g.id: g for g in analysis.groups}
         keep = self._decide(graph, analysis, data)
+        for g in analysis.groups:  # channels nothing reads go whatever the budget
+            unread = unread_classes(g)
+            if unread.any():
+                keep[g.id] = keep.get(g.id, np.ones(g.n_classes, bool)) & ~unread
         return {gid: _keep_every_port(groups[gid], k) for gid, k in keep.items()}
 
     def importance(self, data: Any = None) -> Importance:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["Classified", "classify_aten", "is_aten", "packet_name", "conv_args", "CONV_ARG_NAMES"]
+__all__ = ["Classified", "classify_aten", "is_aten", "packet_name", "conv_args", "slice_range", "CONV_ARG_NAMES"]
 
 
 @dataclass
@@ -314,10 +314,22 @@ def _slice(n: fx.Node) -> Classified:
     """aten.slice(x, dim, start, end, step): a slice that keeps the whole axis is an identity."""
     x = n.args[0]
     dim, start, end, step = int(_arg(n, 1, "dim", 0)), _arg(n, 2, "start"), _arg(n, 3, "end"), _arg(n, 4, "step", 1)
-    size = _tensor_meta(x).shape[dim]  # type: ignore[union-attr]
+    shape = _tensor_meta(x).shape  # type: ignore[union-attr]
+    size = shape[dim]
     if (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= size)) and step == 1:
         return Classified("identity", [x])
-    return Classified("slice", [x], {"axes": [dim]})
+    if not all(isinstance(v, int) or v is None for v in (start, end, step)):
+        return Classified("slice", [x], {"axes": [dim]})
+    dim = dim + len(shape) if dim < 0 else dim
+    return Classified("slice", [x], {"axes": [dim], "ranges": {dim: slice_range(start, end, step, size)}})
+
+
+def slice_range(start: int | None, end: int | None, step: int | None, size: int) -> tuple[int, int, int]:
+    """Python/ONNX slice bounds normalised to ``0 <= start <= end <= size`` (positive step)."""
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    return start, max(start, end), 1 if step is None else int(step)
 
 
 def _index_select(n: fx.Node) -> Classified:

@@ -545,16 +545,17 @@ def slice_(ctx: OpContext, node: gs.Node) -> Spec:
         s = ctx.input_const(node, 4, "steps")
         axes = a.reshape(-1).tolist() if a is not None else list(range(len(starts)))
         steps = s.reshape(-1).tolist() if s is not None else [1] * len(starts)
-    cut = []
+    cut, ranges = [], {}
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) + rank if int(axis) < 0 else int(axis)
         n = shape[axis]
         start, end = int(start), int(end)
-        start = max(0, start + n if start < 0 else start)
-        end = min(n, end + n if end < 0 else end)
+        start = min(n, max(0, start + n if start < 0 else start))
+        end = max(start, min(n, end + n if end < 0 else end))
         if not (int(step) == 1 and start == 0 and end >= n):
             cut.append(axis)
-    return Spec("slice", [node.inputs[0]], {"axes": sorted(set(cut))})
+            ranges[axis] = (start, end, int(step))
+    return Spec("slice", [node.inputs[0]], {"axes": sorted(set(cut)), "ranges": ranges})
 
 
 def gather(ctx: OpContext, node: gs.Node) -> Spec:
