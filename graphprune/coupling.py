@@ -23,6 +23,7 @@ from typing import Iterable
 import networkx as nx
 import numpy as np
 
+from . import attention_rules, reshape_rules  # noqa: F401  (they register their rules)
 from .graph import Graph, Node, Port
 from .rules import Coupling, couple, seed_ports
 

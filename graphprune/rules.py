@@ -387,39 +387,9 @@ def _merge_link(port: Port, x: str, y: str, shape: tuple[int, ...], s: int, e: i
     return Coupling(links=[Link(port, Port(x, s), np.arange(shape[s] * inner) // inner)])
 
 
-@rule("reshape")
-def reshape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Reshape: axes are matched by running products.  A port on an axis kept whole is an
-    identity; one merged as the leading axis of a flatten is an expand; an output axis
-    split off an input axis as its leading part is the inverse.  Anything else freezes."""
-    x, y = node.inputs[0], node.outputs[0]
-    sx, sy = graph.shape(x), graph.shape(y)
-    if sx is None or sy is None:
-        return frozen(f"{node} has unknown shapes")
-    segments = _reshape_segments(sx, sy)
-    if segments is None:
-        return frozen(f"{node} reorders elements in a way no rule covers")
-    for (i0, i1), (j0, j1) in segments:
-        if port.value == x and i0 <= port.axis <= i1 or port.value == y and j0 <= port.axis <= j1:
-            break
-    else:
-        return frozen(f"{node}: axis {port.axis} not matched")
-    leading = port.axis == (i0 if port.value == x else j0)
-    if not leading:
-        return frozen(f"{node} merges or splits axis {port.axis} in a non-leading position")
-    inner_x, inner_y = math.prod(sx[i0 + 1 : i1 + 1]), math.prod(sy[j0 + 1 : j1 + 1])
-    if inner_x != 1 and inner_y != 1:
-        return frozen(f"{node} regroups axis {port.axis}")
-    px, py = Port(x, i0), Port(y, j0)
-    if inner_x == 1 and inner_y == 1:
-        return Coupling(links=[Link(px, py)])
-    if inner_y == 1:  # merge: output feature f comes from input channel f // inner_x
-        return Coupling(links=[Link(py, px, np.arange(sy[j0]) // inner_x)])
-    return Coupling(links=[Link(px, py, np.arange(sx[i0]) // inner_y)])
-
-
 def _reshape_segments(sx: tuple[int, ...], sy: tuple[int, ...]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
-    """Pair minimal runs of input and output axes with equal products."""
+    """Pair minimal runs of input and output axes with equal products (the reshape rule
+    lives in :mod:`graphprune.reshape_rules`)."""
     segs = []
     i = j = 0
     while i < len(sx) and j < len(sy):

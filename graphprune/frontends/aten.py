@@ -348,7 +348,28 @@ def _spatial(kind: str) -> Callable[[fx.Node], Classified]:
 
 
 def _matmul(n: fx.Node) -> Classified:
+    """Products of activations; an einsum's subscripts are not read, so it is marked."""
+    if packet_name(n) == "einsum":
+        return Classified("matmul", list(_tensor_args(n)), {"einsum": n.args[0]})
     return Classified("matmul", list(_tensor_args(n)))
+
+
+def _sdpa(n: fx.Node) -> Classified:
+    """aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+    enable_gqa): inputs q, k, v and the mask when it is a tensor."""
+    q, k, v = n.args[:3]
+    mask = _arg(n, 3, "attn_mask")
+    inputs = [q, k, v] + ([mask] if _is_node(mask) else [])
+    attrs = {"scale": _arg(n, 6, "scale"), "causal": bool(_arg(n, 5, "is_causal", False)),
+             "gqa": bool(_arg(n, 7, "enable_gqa", False))}
+    return Classified("attention", inputs, attrs)
+
+
+def _select(n: fx.Node) -> Classified:
+    """aten.select(x, dim, index) and aten.unbind(x, dim): single indices of one axis."""
+    if packet_name(n) == "unbind":
+        return Classified("unbind", [n.args[0]], {"axis": int(_arg(n, 1, "dim", 0))})
+    return Classified("select", [n.args[0]], {"axis": int(n.args[1]), "index": n.args[2]})
 
 
 def _tensor_meta(n: Any) -> Any:
@@ -406,7 +427,9 @@ _register(_spatial("pool"), "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1
           "upsample_linear1d", "upsample_trilinear3d", "_upsample_bilinear2d_aa")
 _register(_spatial("pad"), "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
           "replication_pad1d", "replication_pad2d", "replication_pad3d")
-_register(_matmul, "matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_product_attention")
+_register(_matmul, "matmul", "bmm", "mm", "einsum", "baddbmm")
+_register(_sdpa, "scaled_dot_product_attention")
+_register(_select, "select", "unbind")
 
 
 def classify_aten(n: fx.Node) -> Classified:
