@@ -232,6 +232,10 @@ def spatial_rule(graph: Graph, node: Node, port: Port) -> Coupling:
     """Pooling, resizing and spatial padding act on each (batch, channel) plane alone:
     batch and channel axes pass through; spatial axes change size and freeze."""
     x, y = node.inputs[0], node.outputs[0]
+    if node.kind == "pad" and "padded_axes" in node.attrs:  # the axes it pads freeze, others pass
+        if port.axis in node.attrs["padded_axes"]:
+            return frozen(f"{node} pads axis {port.axis}")
+        return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
     if port.axis >= 2:
         return frozen(f"{node} works across spatial axis {port.axis}")
     if node.kind == "pad" and len(node.attrs.get("pads", [])) > 2 * (_rank(graph, x) - 2):

@@ -332,6 +332,16 @@ def slice_range(start: int | None, end: int | None, step: int | None, size: int)
     return start, max(start, end), 1 if step is None else int(step)
 
 
+def _index(n: fx.Node) -> Classified:
+    """aten.index(x, [None, ..., idx]) with one index tensor: a gather along its axis (the
+    relative-position bias tables of Swin); other index patterns are ``unknown``."""
+    x, indices = n.args[0], list(n.args[1])
+    given = [i for i, t in enumerate(indices) if t is not None]
+    if len(given) != 1 or not _is_node(indices[given[0]]) or len(_tensor_meta(indices[given[0]]).shape) != 1:
+        return Classified("unknown", list(_tensor_args(n)), {"why": "advanced indexing"})
+    return Classified("gather", [x, indices[given[0]]], {"axis": given[0]})
+
+
 def _index_select(n: fx.Node) -> Classified:
     return Classified("gather", [n.args[0], n.args[2]], {"axis": int(n.args[1])})
 
@@ -340,7 +350,11 @@ def _spatial(kind: str) -> Callable[[fx.Node], Classified]:
     def classify(n: fx.Node) -> Classified:
         attrs: dict[str, Any] = {}
         if kind == "pad":
-            attrs["pads"] = [int(p) for p in n.args[1]]
+            pads = [int(p) for p in n.args[1]]
+            rank = len(_tensor_meta(n.args[0]).shape)  # type: ignore[union-attr]
+            attrs["pads"] = pads
+            # torch order: (lo, hi) pairs from the last axis backwards
+            attrs["padded_axes"] = [rank - 1 - i // 2 for i in range(0, len(pads), 2) if pads[i] or pads[i + 1]]
         return Classified(kind, [n.args[0]], attrs)
 
     classify.__doc__ = f"Spatial ops ({kind}): channels pass through."
@@ -420,6 +434,7 @@ _register(_squeeze, "squeeze", "squeeze_")
 _register(_unsqueeze, "unsqueeze", "unsqueeze_")
 _register(_slice, "slice")
 _register(_index_select, "index_select")
+_register(_index, "index")
 _register(_spatial("pool"), "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
           "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices", "upsample_nearest1d",
