@@ -33,7 +33,7 @@ from .rules import Coupling, Link, _rank, frozen, norm_axis, rule
 if TYPE_CHECKING:
     from .coupling import PruningGroup
 
-__all__ = ["attention_rule", "matmul_rule", "select_rule", "is_head_group"]
+__all__ = ["attention_rule", "matmul_rule", "select_rule", "shape_rule", "is_head_group"]
 
 
 @rule("attention")
@@ -113,6 +113,25 @@ def select_rule(graph: Graph, node: Node, port: Port) -> Coupling:
         return Coupling(links=[Link(port, Port(v, port.axis - (port.axis > a))) for v in outs])
     in_axis = port.axis + (port.axis >= a)
     return Coupling(links=[Link(port, Port(x, in_axis))])
+
+
+@rule("shape")
+def shape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
+    """``Shape(x)`` reads sizes, not values: an axis of ``x`` whose size no use of the
+    result picks (a slice or single-index pick of other positions; the head-dim lookup
+    of an exported ``1 / sqrt(d)``) carries nothing through it; any other use freezes."""
+    x, y = node.inputs[0], node.outputs[0]
+    if port.value != x:
+        return frozen(f"{node}: a shape is not a channel tensor")
+    position = port.axis - int(node.attrs.get("start", 0))
+    for use in graph.consumers(y):
+        if use.kind == "select" and int(use.attrs.get("index", -1)) != position:
+            continue
+        bounds = use.attrs.get("ranges", {}).get(0) if use.kind == "slice" else None
+        if bounds is not None and int(bounds[2]) == 1 and not bounds[0] <= position < bounds[1]:
+            continue
+        return frozen(f"{node}: `{use.label or use.name}` reads the size of axis {port.axis}")
+    return Coupling()
 
 
 def is_head_group(group: "PruningGroup") -> bool:

@@ -125,6 +125,10 @@ def _use_carries(graph: Graph, node: Node, value: str, axis: int, depth: int) ->
             return False
         nxt = axis - (sel < axis)
         return any(axis_carries_channels(graph, v, nxt, depth - 1) for v in node.outputs if v)
+    if kind == "split" and norm_axis(int(node.attrs["axis"]), rank) == axis:
+        outs = [v for v in node.outputs if v]
+        return not all((graph.shape(v) or (0,) * rank)[axis] == 1 for v in outs) or not all(
+            c.kind == "squeeze" for v in outs for c in graph.consumers(v))  # split into single slices
     if kind in _PASS_THROUGH:
         return axis_carries_channels(graph, node.outputs[0], axis, depth - 1)
     if kind in ("permute", "transpose"):

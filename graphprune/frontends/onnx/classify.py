@@ -570,9 +570,20 @@ def gather(ctx: OpContext, node: gs.Node) -> Spec:
     axis = int(node.attrs.get("axis", 0))
     axis = axis + len(shape) if axis < 0 else axis
     value = const_value(index)
+    if value is not None and value.ndim == 0:  # a scalar index picks one slice: x.select(axis, i)
+        i = int(value)
+        return Spec("select", [x], {"axis": axis, "index": i + shape[axis] if i < 0 else i})
     if value is None or value.ndim != 1 or not value.size or value.min() < 0 or value.max() >= shape[axis]:
         raise Unknown("its index is not a 1-D list of non-negative positions")
     return Spec("gather", [x, index], {"axis": axis})
+
+
+def shape_(ctx: OpContext, node: gs.Node) -> Spec:
+    """Shape (opset 15 start/end attributes): reads the sizes of its input, not values."""
+    rank = ctx.rank(node.inputs[0])
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    start, end = start + rank if start < 0 else start, end + rank if end < 0 else end
+    return Spec("shape", [node.inputs[0]], {"start": max(0, start), "end": min(rank, end)})
 
 
 def concat(ctx: OpContext, node: gs.Node) -> Spec:
@@ -623,5 +634,5 @@ CLASSIFIERS: dict[str, Classifier] = {
     "Pow": pow_, "Identity": identity, "Dropout": identity, "Cast": identity, "CastLike": identity,
     "Resize": resize, "Upsample": resize, "Pad": pad, "Flatten": flatten, "Reshape": reshape,
     "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Slice": slice_, "Concat": concat,
-    "Split": split, "Gather": gather, "Softmax": softmax, "LogSoftmax": softmax, "Constant": constant,
+    "Split": split, "Gather": gather, "Shape": shape_, "Softmax": softmax, "LogSoftmax": softmax, "Constant": constant,
 }
