@@ -125,6 +125,8 @@ def shape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
         return frozen(f"{node}: a shape is not a channel tensor")
     position = port.axis - int(node.attrs.get("start", 0))
     for use in graph.consumers(y):
+        if use.kind == "reshape" and use.attrs.get("shape_of") == x:
+            continue  # the reshape takes x's whole (pruned) shape; its own rule ties the channels
         if use.kind == "select" and int(use.attrs.get("index", -1)) != position:
             continue
         bounds = use.attrs.get("ranges", {}).get(0) if use.kind == "slice" else None

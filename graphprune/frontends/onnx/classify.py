@@ -497,9 +497,21 @@ def flatten(ctx: OpContext, node: gs.Node) -> Spec:
 
 
 def reshape(ctx: OpContext, node: gs.Node) -> Spec:
-    """Reshape to a target shape known before run time."""
+    """Reshape to a target shape known before run time, or to the whole shape of another
+    value (``Reshape(y, Shape(x))``: the exported group norm's way back to x's shape), which
+    follows x when x is pruned (``attrs["shape_of"]`` names x)."""
+    target = node.inputs[1]
+    src = target.inputs[0] if len(target.inputs) == 1 else None
+    if ctx.fold(target) is None and src is not None and src.op == "Shape" and _whole_shape(ctx, src):
+        return Spec("reshape", [node.inputs[0]], {"shape_of": src.inputs[0].name})
     ctx.input_const(node, 1, "target shape")
     return Spec("reshape", [node.inputs[0]])
+
+
+def _whole_shape(ctx: OpContext, node: gs.Node) -> bool:
+    rank = ctx.rank(node.inputs[0])
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    return start in (0, -rank) and end >= rank
 
 
 def transpose(ctx: OpContext, node: gs.Node) -> Spec:

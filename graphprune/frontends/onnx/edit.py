@@ -223,6 +223,9 @@ def set_reshape_shape(fe: OnnxEdits, n: gs.Node, updates: Mapping[int, int]) -> 
     follow the input)."""
     if n.op == "Flatten":
         return  # Flatten computes its output shape from its input
+    target = n.inputs[1]
+    if fe._ops().fold(target) is None and len(target.inputs) == 1 and target.inputs[0].op == "Shape":
+        return  # Reshape(y, Shape(x)) follows x, which lost the same channels
     shape = fe._ops().fold(n.inputs[1])
     if shape is None:
         raise GraphError(f"cannot resize reshape `{n.name}`: its target shape is computed at run time")
