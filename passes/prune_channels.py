@@ -33,9 +33,15 @@ the rewrite deletes those slices and resizes the ops on the way, and equals the
 projection exactly.
 
 Refused: options out of range, and budgets that the prunable channels cannot meet.
+Attention heads are channel classes of the head axis (:mod:`graphprune.attention_rules`):
+they go whole, with their q/k/v rows and out-projection columns, and the reshapes' head
+counts follow.  Channel slices, partial-channel adds and channel shuffles are offsets and
+permutations (:mod:`graphprune.rules`, :mod:`graphprune.reshape_rules`); channels that no
+op reads (dropped by a slice) are always removed.
+
 Frozen (never pruned): model inputs and outputs, channels that reach an op without a
-channel rule, normalisations across the channel axis (layer norm), attention
-embeddings, parameters shared by several ops.
+channel rule, normalisations across the channel axis (layer norm, so a transformer's
+embedding), head dimensions, parameters shared by several ops.
 """
 from __future__ import annotations
 
