@@ -170,3 +170,15 @@ def test_stepped_slice_freezes() -> None:
     group = analyse(graph).group_of(gp.Port(conv.outputs[0], 1))
     assert group is not None and group.frozen.all()
     assert any("step" in r for r in group.reasons.values())
+
+
+@pytest.mark.parametrize("model_fn", [lambda: TwoSlices(2, 7, 5), lambda: PartialAdd(), lambda: Ghost(7)])
+def test_slices_prune_exactly_on_fx(model_fn) -> None:
+    """The fx fallback reads ``x[:, a:b]`` (operator.getitem with literal slices) the same way."""
+    model = _seeded(model_fn())
+    graph = gp.trace(model, torch.randn(1, 3, 8, 8), capture="fx")
+    assert any(n.kind == "slice" and n.attrs["ranges"] for n in graph.nodes)
+    result = check_pass(graph, "prune-channels{ratio=0.3}")
+    module = result.graph.to_module()
+    x = torch.randn(1, 3, 8, 8)
+    assert rel(module(x).detach(), result.reference().run(x)[0]) < 1e-5
