@@ -191,7 +191,29 @@ def test_hf_bert_heads() -> None:
     assert result.graph.param(f"{attn}.query.weight").shape[0] == 16
 
 
-@pytest.mark.parametrize("model_fn", [lambda: Attn(24, 4, fused=False), lambda: Attn(24, 6, fused=False), lambda: QKV(24, 6)])
+def test_hf_vit_heads() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=48)
+    model = transformers.ViTModel(cfg).eval()
+    graph = gp.trace(model, torch.randn(1, 3, 16, 16))
+    (group,) = _head_groups(graph)
+    assert group.n_classes == 4
+    result = check_pass(graph, "prune-channels{heads=0.5}")
+    (key,) = [k for k in result.graph.param_keys() if k.endswith(("k_proj.weight", "key.weight"))]
+    assert result.graph.param(key).shape == (16, 32)  # 2 of 4 heads of 8 dims, input width intact
+
+
+def _timm_attention() -> nn.Module:
+    from timm.models.vision_transformer import Attention
+
+    model = Attention(24, num_heads=4, qkv_bias=True)
+    model.fused_attn = False  # the TorchScript exporter rejects timm's tensor is_causal
+    return model
+
+
+@pytest.mark.parametrize("model_fn", [lambda: Attn(24, 4, fused=False), lambda: Attn(24, 6, fused=False), lambda: QKV(24, 6),
+                                      _timm_attention])
 def test_heads_prune_exactly_on_onnx(tmp_path, model_fn) -> None:
     """TorchScript ONNX exports (sdpa becomes MatMul-Softmax-MatMul, unbind a Split into
     single slices).  ``nn.MultiheadAttention``'s export computes its qkv reshape target from
