@@ -69,16 +69,15 @@ def run_graphprune(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[flo
     err = gp.compare(result.graph, result.reference(), n=1)
     heads = [(r["classes"], r["kept_classes"]) for r in result.records if r.get("heads")]
     before = sum(c for c, _ in heads) + sum(  # attentions with no head removed are not in the records
-        g.n_classes for g in gp.analyse(graph).groups if _is_head(g) and g.id not in {r["group"] for r in result.records})
+        g.n_classes for g in gp.analyse(graph).groups if g.heads and g.id not in {r["group"] for r in result.records})
     after = before - sum(c - k for c, k in heads)
     macs = gp.graph_cost(result.graph, with_params=False).macs
     return elapsed, macs, err, f"{before} -> {after}" if before else "-"
 
 
 def _is_head(group: gp.PruningGroup) -> bool:
-    from graphprune.attention_rules import is_head_group
-
-    return is_head_group(group)
+    
+    return group.heads
 
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:

@@ -23,17 +23,15 @@ Head dimensions are not pruned: the default scale 1/sqrt(d) would change.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .graph import Graph, Node, Port
 from .rules import Coupling, Link, _rank, frozen, norm_axis, rule
 
-if TYPE_CHECKING:
-    from .coupling import PruningGroup
+__all__ = ["attention_rule", "matmul_rule", "select_rule", "shape_rule", "HEAD_KINDS"]
 
-__all__ = ["attention_rule", "matmul_rule", "select_rule", "shape_rule", "is_head_group"]
+HEAD_KINDS = ("attention", "matmul")
+"""Ops whose unfrozen batch/head ports make a group's classes attention heads."""
 
 
 @rule("attention")
@@ -135,9 +133,3 @@ def shape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
         return frozen(f"{node}: `{use.label or use.name}` reads the size of axis {port.axis}")
     return Coupling()
 
-
-def is_head_group(group: "PruningGroup") -> bool:
-    """Are ``group``'s channel classes attention heads (it crosses an attention op or a
-    batched product on their head/batch axis, unfrozen)?"""
-    return any(m.node.kind in ("attention", "matmul") and m.coupling.frozen is None
-               for members in group.members.values() for m in members)

@@ -54,7 +54,6 @@ import numpy as np
 
 from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels, unread_classes
 from graphprune.cost import graph_cost
-from graphprune.attention_rules import is_head_group
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
 from graphprune.importance import CRITERIA, Importance, get_importance, needs_data
@@ -129,7 +128,7 @@ class PruneChannels(Pass):
             kept = kept_indices(g, keep[g.id])
             out.append({
                 "group": g.id,
-                "heads": is_head_group(g),
+                "heads": g.heads,
                 "classes": g.n_classes,
                 "kept_classes": int(keep[g.id].sum()),
                 "kept": {f"{p.value}:{p.axis}": idx.tolist() for p, idx in kept.items()},
@@ -143,7 +142,7 @@ class PruneChannels(Pass):
         if self.heads is None:
             keep = self._decide(graph, analysis, data)
         else:
-            head, rest = [g for g in analysis.groups if is_head_group(g)], [g for g in analysis.groups if not is_head_group(g)]
+            head, rest = [g for g in analysis.groups if g.heads], [g for g in analysis.groups if not g.heads]
             keep = self._ratio_keep(graph, head, self.heads, data)
             if self.ratio is not None or self.macs is not None:
                 keep.update(self._decide(graph, CouplingAnalysis(rest, analysis.graph_nx), data))

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphprune as gp
-from graphprune.attention_rules import is_head_group
 from graphprune.coupling import analyse
 from helpers import check_pass
 from test_onnx_frontend import export, ort_run, rel
@@ -82,7 +81,7 @@ def _seeded(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _head_groups(graph: gp.Graph) -> list[gp.PruningGroup]:
-    return [g for g in analyse(graph).groups if is_head_group(g)]
+    return [g for g in analyse(graph).groups if g.heads]
 
 
 def _heads_in_reshapes(graph: gp.Graph, head_dim: int) -> set[int]:

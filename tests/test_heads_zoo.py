@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.attention_rules import is_head_group
 
 # model -> (zoo, input size, most MACs kept allowed, why more than 0.6 is kept)
 MODELS: dict[str, tuple[str, int, float, str]] = {
@@ -66,4 +65,4 @@ def test_small_vit_prunes_heads_and_mlp() -> None:
     heads = [r for r in result.records if r["heads"]]
     assert len(heads) == 2 and all(r["classes"] == 4 and r["kept_classes"] == 3 for r in heads)
     assert gp.graph_cost(result.graph).macs < gp.graph_cost(graph).macs
-    assert sum(is_head_group(g) for g in gp.analyse(graph).groups) == 2
+    assert sum(g.heads for g in gp.analyse(graph).groups) == 2
