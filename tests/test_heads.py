@@ -236,3 +236,15 @@ def test_heads_option_is_validated() -> None:
         gp.parse_pipeline("prune-channels{heads=1.5}")[0].validate()
     with pytest.raises(gp.PassOptionError):
         gp.parse_pipeline("prune-channels{heads=0.3,lossless=true}")[0].validate()
+
+
+def test_apply_sets_timm_head_counts() -> None:
+    """``gp.apply`` edits a timm ``Attention`` in place: weights, ``num_heads``, ``attn_dim``."""
+    from timm.models.vision_transformer import Attention
+
+    model = _seeded(Attention(32, num_heads=4, qkv_bias=True))
+    x = torch.randn(1, 9, 32)
+    result = gp.get_pass("prune-channels")(heads=0.5)(gp.trace(model, x))
+    gp.apply(result, model)
+    assert model.num_heads == 2 and model.attn_dim == 16 and model.qkv.out_features == 48
+    assert rel(model(x).detach(), result.reference().run(x)[0]) < 1e-5
