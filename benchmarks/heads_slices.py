@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import time
 import traceback
@@ -124,11 +125,21 @@ def run_torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[
     return time.perf_counter() - start, model
 
 
+class TimedOut(Exception):
+    """Torch-Pruning ran past --tp-timeout."""
+
+
+def _timeout(signum: int, frame: object) -> None:
+    raise TimedOut("over the time limit")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--tp-timeout", type=float, default=600.0, help="seconds for Torch-Pruning per model")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGALRM, _timeout)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     rows = []
@@ -143,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             gp_cols = [f"failed: {type(exc).__name__}", "-", "-", "-"]
         try:
+            signal.alarm(int(args.tp_timeout))
             _, pruned = run_torch_pruning(copy.deepcopy(model), x, args.ratio)
+            signal.alarm(0)
             with torch.no_grad():
                 pruned(x)
             tp_col = f"{macs_of(pruned, x) / base:.3f}"
         except Exception as exc:
-            tp_col = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:50]}"
+            signal.alarm(0)
+            tp_col = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:50]}"
         frozen = FROZEN.get(name, "") if gp_cols[0][0].isdigit() and float(gp_cols[0]) > 0.6 else ""
         rows.append((name, f"{base / 1e9:.2f}", *gp_cols, tp_col, frozen))
         print(f"done {name}", file=sys.stderr, flush=True)
