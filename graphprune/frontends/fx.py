@@ -16,13 +16,16 @@ import copy
 import operator
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ..arrays import as_numpy
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
+from .fx_build import to_tensor
 
 
 class CaptureError(GraphError):
@@ -336,17 +339,28 @@ class FxFrontend:
         path, _, attr = key.rpartition(".")
         return (self._module(path) if path else self.gm), attr
 
-    def get_param(self, key: str) -> torch.Tensor:
+    def get_param(self, key: str) -> np.ndarray:
+        """The parameter or buffer ``key`` as a numpy array: a zero-copy view of the CPU
+        tensor (a copy for other devices).  Never written into: edits replace tensors."""
+        return as_numpy(self.get_tensor(key))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The parameter or buffer ``key`` as the module's own (detached) tensor."""
         owner, attr = self._owner(key)
         value = getattr(owner, attr)
         if not isinstance(value, torch.Tensor):
             raise GraphError(f"`{key}` is not a tensor")
         return value.detach()
 
-    def set_param(self, key: str, value: torch.Tensor) -> None:
+    def set_param(self, key: str, value: np.ndarray | torch.Tensor) -> None:
+        """Replace ``key`` by ``value`` (numpy arrays become tensors sharing their memory,
+        on the old tensor's device)."""
         owner, attr = self._owner(key)
         old = getattr(owner, attr)
-        value = value.detach()
+        if isinstance(old, torch.Tensor):
+            value = to_tensor(value, old.device, old.dtype)
+        else:
+            value = to_tensor(value)
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
         elif attr in owner._buffers:
@@ -486,11 +500,26 @@ class FxFrontend:
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False)
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
+        """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
         self.gm.eval()
         with torch.no_grad():
-            out = self.gm(*inputs)
+            out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
+
+    def inputs_from_arrays(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Numpy inputs as tensors on the model's device, in the example inputs' dtypes
+        (numpy has no bfloat16): what ``Graph.random_inputs`` returns."""
+        device = self._device()
+        return [to_tensor(a, device, ex.dtype if isinstance(ex, torch.Tensor) else None) for a, ex in zip(arrays, self._inputs)]
+
+    def _device(self) -> torch.device | None:
+        """The device of the module's first parameter or buffer (None: no tensors)."""
+        for t in self.gm.parameters():
+            return t.device
+        for t in self.gm.buffers():
+            return t.device
+        return None
 
     def masked_runner(self, inputs: Sequence[torch.Tensor]) -> "MaskedRunner":
         """A runner over ``inputs`` (a batch of ``B`` rows) that evaluates ``k`` masked
@@ -504,7 +533,7 @@ class FxFrontend:
         """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
         their running statistics); the module's own tensors are not touched."""
         self.gm.eval()
-        params = {k: self.get_param(k).clone().requires_grad_(True) for k in keys}
+        params = {k: self.get_tensor(k).clone().requires_grad_(True) for k in keys}
         with torch.enable_grad():
             out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
             value = loss(_flatten_tensors(out))
