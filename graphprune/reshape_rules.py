@@ -14,7 +14,8 @@ several would tie every index together):
 * when the reshape *merges* (``flatten``, heads merged back into the embedding), the
   leading axis: output feature ``f`` belongs to input channel ``f // inner``;
 * when it *splits*, the first axis that is not a *stack* axis (selected or unbound index
-  by index afterwards: the 3 of a fused ``qkv`` reshape) and not an *inner* axis (merged
+  by index afterwards, or split into single slices that are squeezed, as ONNX spells
+  ``unbind``: the 3 of a fused ``qkv`` reshape) and not an *inner* axis (merged
   back later in a non-leading position: the group axis of a channel shuffle
   ``view(n, g, c/g, h, w).transpose(1, 2).view(n, c, h, w)``).  So a fused in-projection
   is split into heads, and a shuffle's input channel ``b * c/g + a`` is tied to every
