@@ -39,7 +39,7 @@ FROZEN = {
     "swin_t": "residual stream (LayerNorm); stage 1 has 3 heads (none removed)",
     "shufflenet_v2_x1_0": "stage streams: the shuffle ties a channel to its partner in the other half, "
                           "and chunk(2) keeps the halves equal, so the classes merge across a stage",
-    "mobilevit_s": "transformer streams (LayerNorm) and the unfold/fold reshapes",
+    "mobilevit_s": "transformer streams: LayerNorm normalises over the embedding",
 }
 
 
