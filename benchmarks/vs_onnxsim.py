@@ -73,9 +73,9 @@ def relative_error(path: str, reference: gp.Graph, n: int = 2) -> float:
     worst = 0.0
     for seed in range(n):
         xs = reference.random_inputs(seed)
-        got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})
+        got = sess.run(None, {i.name: np.asarray(x) for i, x in zip(sess.get_inputs(), xs)})
         for g, w in zip(got, reference.run(*xs)):
-            w = w.double().numpy()
+            w = np.asarray(w, dtype=np.float64)
             worst = max(worst, float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-12)))
     return worst
 
@@ -139,7 +139,7 @@ def recovered_reference(src: str, dst: str) -> gp.Graph | None:
             return None
         mask = np.zeros(old.shape, bool)
         mask[np.ix_(*kept)] = True
-        graph.set_param(name, torch.from_numpy(np.where(mask, old, 0).astype(old.dtype)))
+        graph.set_param(name, np.where(mask, old, 0).astype(old.dtype))
     return graph
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import attention_rules, reshape_rules  # noqa: F401  (they register their rules)
 from .graph import Graph, Node, Port
+from .names import resolve_names
 from .rules import Coupling, couple, seed_ports
 
 logger = logging.getLogger(__name__)
@@ -98,9 +99,11 @@ class CouplingAnalysis:
 def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
     """Walk the channel rules from every weighted producer and build the pruning groups.
 
-    ``ignore`` names nodes (module paths / ONNX node names) whose channels must stay.
+    ``ignore`` names nodes (node names, labels, module paths or prefixes, see
+    :func:`graphprune.names.resolve_names`) whose channels must stay; a name that
+    matches nothing raises :class:`PassOptionError` with close matches.
     """
-    ignored = set(ignore)
+    ignored = resolve_names(graph, ignore)
     shared = _shared_params(graph)
     boundary = set(graph.inputs) | set(graph.outputs)
     g = nx.Graph()
@@ -122,7 +125,7 @@ def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
         members[port] = []
         for node in _unique(touching):
             c = couple(graph, node, port)
-            if c.frozen is None and (node.label in ignored or node.name in ignored):
+            if c.frozen is None and node.name in ignored:
                 c.frozen = f"{node} is ignored"
             if c.frozen is None and c.slices and any(node.params.get(r) in shared for r, _ in c.slices):
                 key = next(node.params[r] for r, _ in c.slices if node.params.get(r) in shared)
