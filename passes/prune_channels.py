@@ -82,6 +82,8 @@ class PruneChannels(Pass):
         ignore: layers whose channels stay (node names, module paths such as `fc` or
             `layer1.0.conv1`, or module prefixes; `;`-separated on the command line).
         lossless: remove only channels that are provably zero (output unchanged).
+        heads: fraction of each attention's heads to remove, in [0, 1), whatever ratio or
+            macs decide for the other groups (heads=0 keeps every head).
     """
 
     name = "prune-channels"
