@@ -215,6 +215,10 @@ def _edit(model: nn.Module, plan: _Plan) -> nn.Module:
         mod = _get(model, path)
         if mod is not None:
             _sync(mod)
+    for path in touched:
+        parent = _get(model, path.rpartition(".")[0]) if "." in path else model
+        if parent is not None:
+            _sync_heads(parent)
     for path, new in plan.replacements.items():
         _set_module(model, path, copy.deepcopy(new))
     for path, where, axis, index in plan.gathers:
@@ -226,6 +230,24 @@ def _sync(mod: nn.Module) -> None:
     from .frontends.fx import _sync_module_metadata
 
     _sync_module_metadata(mod)
+
+
+def _sync_heads(mod: nn.Module) -> None:
+    """Head counts of an attention module whose projection lost whole heads: timm's
+    ``Attention`` (``num_heads = qkv.out_features / (3 * head_dim)``, ``attn_dim``) and
+    Hugging Face's BERT-style self-attention (``num_attention_heads``, ``all_head_size``
+    from ``query``).  Other modules keep theirs; the trial run then says what differs."""
+    qkv, head_dim = getattr(mod, "qkv", None), getattr(mod, "head_dim", None)
+    if isinstance(qkv, nn.Linear) and isinstance(getattr(mod, "num_heads", None), int) and isinstance(head_dim, int):
+        if qkv.out_features % (3 * head_dim) == 0:
+            mod.num_heads = qkv.out_features // (3 * head_dim)
+            if isinstance(getattr(mod, "attn_dim", None), int):
+                mod.attn_dim = mod.num_heads * head_dim
+    query, size = getattr(mod, "query", None), getattr(mod, "attention_head_size", None)
+    if isinstance(query, nn.Linear) and isinstance(size, int) and isinstance(getattr(mod, "num_attention_heads", None), int):
+        if query.out_features % size == 0:
+            mod.num_attention_heads = query.out_features // size
+            mod.all_head_size = query.out_features
 
 
 def _attach_gather(mod: nn.Module, where: str, axis: int, index: torch.Tensor) -> None:

@@ -104,6 +104,17 @@ def remove_channels(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int,
     return removed
 
 
+def unread_classes(group: PruningGroup) -> np.ndarray:
+    """Prunable classes that no op reads: none of their ports is consumed by a weighted op
+    (conv/linear input columns) and none is frozen (an output, an op without a rule).  A
+    slice that drops channels leaves them so; removing them changes nothing."""
+    read = np.zeros(group.n_classes, bool)
+    for port, members in group.members.items():
+        if any(m.coupling.role == "consume" for m in members):
+            read[group.class_of[port]] = True
+    return group.prunable & ~read
+
+
 # ------------------------------------------------------------ provable zeros
 _PASS_ZERO = {"identity", "pool", "pad", "permute", "transpose", "flatten", "reshape", "concat", "split", "reduce"}
 

@@ -5,6 +5,7 @@ MACs count the multiply-accumulates of weighted and matrix ops for the example b
 * conv:            numel(out) * (C_in / groups) * prod(kernel)
 * transposed conv: numel(in) * (C_out / groups) * prod(kernel)
 * linear / matmul: numel(out) * K (the contracted size)
+* attention:       (batch, heads, N) query rows * M keys * (d + d_v): q k^T, then p v
 
 Everything else (norms, activations, adds) is counted as zero MACs; parameters count
 every weight and buffer a node owns.  ``sizes`` overrides let a budget search price a
@@ -42,6 +43,9 @@ def node_macs(graph: Graph, node: Node, sizes: Mapping[Port, int] | None = None)
     """MACs of ``node``, with optional port size overrides."""
     sizes = sizes or {}
     kind = node.kind
+    if kind == "attention" and len(node.inputs) >= 3 and all(graph.shape(v) for v in node.inputs[:3]):
+        q, k, v = (_shape(graph, name, sizes) for name in node.inputs[:3])
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
     if kind not in ("conv", "conv_transpose", "linear", "matmul") or not node.inputs:
         return 0
     if graph.shape(node.inputs[0]) is None or graph.shape(node.outputs[0]) is None:

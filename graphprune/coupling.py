@@ -23,6 +23,7 @@ from typing import Iterable
 import networkx as nx
 import numpy as np
 
+from . import attention_rules, reshape_rules  # noqa: F401  (they register their rules)
 from .graph import Graph, Node, Port
 from .names import resolve_names
 from .rules import Coupling, couple, seed_ports
@@ -63,6 +64,13 @@ class PruningGroup:
             for m in members:
                 seen.setdefault(m.node.name, m.node)
         return list(seen.values())
+
+    @property
+    def heads(self) -> bool:
+        """Are the classes attention heads (the group crosses an attention op or a batched
+        product on an unfrozen head axis; see :mod:`graphprune.attention_rules`)?"""
+        return any(m.node.kind in attention_rules.HEAD_KINDS and m.coupling.frozen is None
+                   for members in self.members.values() for m in members)
 
     def describe(self) -> str:
         labels = sorted({m.node.label or m.node.name for ms in self.members.values() for m in ms if m.coupling.slices})

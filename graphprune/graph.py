@@ -28,18 +28,26 @@ identity           dropout, identity, casts, contiguous
 pool, pad          spatial ops (pooling, resize, spatial padding); pad: attrs pads
 add sub mul div    elementwise with broadcasting; attrs tensor_positions, scalar
 concat, split      attrs axis; split: attrs sizes via ``set_attr(node, "sizes", [...])``
+slice              attrs axes (cut axes), ranges {axis: (start, end, step)} normalised bounds
 flatten            attrs start, end
-reshape            output shape from shape propagation; ``set_attr(node, "shape", {axis: n})``
+reshape            output shape from shape propagation; ``set_attr(node, "shape", {axis: n})``;
+                   attrs shape_of: the target is the run-time shape of that value (ONNX)
 permute/transpose  attrs perm / axes
 reduce             attrs axes, keepdim
 softmax            attrs axis
 constant           params value (a weight used as a tensor: layer scale, offsets)
-mha, matmul        attention and matrix products (no channel rule: frozen)
+attention          fused scaled dot-product attention: inputs q, k, v (..., H, N, d), optional
+                   mask; attrs scale, causal, gqa (heads are channels of axis rank-3)
+matmul             a product of two activations (batch axes tie; matrix axes freeze)
+select, unbind     single indices of attrs axis (select: attrs index)
+shape              the sizes of its input (attrs start, end)
+mha                an unexpanded ``nn.MultiheadAttention`` (fx leaf: frozen)
 unknown            anything else (frozen)
 =================  ==========================================================================
 
 Edit attributes understood by ``set_attr``: ``groups`` (conv), ``num_groups`` (groupnorm),
-``pads``, ``stride``, ``dilation`` (conv), ``sizes`` (split), ``shape`` (reshape).
+``pads``, ``stride``, ``dilation`` (conv), ``sizes`` (split), ``shape`` (reshape),
+``range`` (slice: ``{axis: (start, end)}``, step 1).
 """
 from __future__ import annotations
 

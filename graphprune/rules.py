@@ -231,6 +231,10 @@ def spatial_rule(graph: Graph, node: Node, port: Port) -> Coupling:
     """Pooling, resizing and spatial padding act on each (batch, channel) plane alone:
     batch and channel axes pass through; spatial axes change size and freeze."""
     x, y = node.inputs[0], node.outputs[0]
+    if node.kind == "pad" and "padded_axes" in node.attrs:  # the axes it pads freeze, others pass
+        if port.axis in node.attrs["padded_axes"]:
+            return frozen(f"{node} pads axis {port.axis}")
+        return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
     if port.axis >= 2:
         return frozen(f"{node} works across spatial axis {port.axis}")
     if node.kind == "pad" and len(node.attrs.get("pads", [])) > 2 * (_rank(graph, x) - 2):
@@ -386,41 +390,10 @@ def _merge_link(port: Port, x: str, y: str, shape: tuple[int, ...], s: int, e: i
     return Coupling(links=[Link(port, Port(x, s), np.arange(shape[s] * inner) // inner)])
 
 
-@rule("reshape")
-def reshape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Reshape: axes are matched by running products.  A port on an axis kept whole is an
-    identity; one merged as the leading axis of a flatten is an expand; an output axis
-    split off an input axis as its leading part is the inverse.  Anything else freezes."""
-    x, y = node.inputs[0], node.outputs[0]
-    sx, sy = graph.shape(x), graph.shape(y)
-    if sx is None or sy is None:
-        return frozen(f"{node} has unknown shapes")
-    segments = _reshape_segments(sx, sy)
-    if segments is None:
-        return frozen(f"{node} reorders elements in a way no rule covers")
-    for (i0, i1), (j0, j1) in segments:
-        if port.value == x and i0 <= port.axis <= i1 or port.value == y and j0 <= port.axis <= j1:
-            break
-    else:
-        return frozen(f"{node}: axis {port.axis} not matched")
-    leading = port.axis == (i0 if port.value == x else j0)
-    if not leading:
-        return frozen(f"{node} merges or splits axis {port.axis} in a non-leading position")
-    inner_x, inner_y = math.prod(sx[i0 + 1 : i1 + 1]), math.prod(sy[j0 + 1 : j1 + 1])
-    if inner_x != 1 and inner_y != 1:
-        return frozen(f"{node} regroups axis {port.axis}")
-    px, py = Port(x, i0), Port(y, j0)
-    if inner_x == 1 and inner_y == 1:
-        return Coupling(links=[Link(px, py)])
-    if inner_y == 1:  # merge: output feature f comes from input channel f // inner_x
-        return Coupling(links=[Link(py, px, np.arange(sy[j0]) // inner_x)])
-    return Coupling(links=[Link(px, py, np.arange(sx[i0]) // inner_y)])
-
-
 def _reshape_segments(sx: tuple[int, ...], sy: tuple[int, ...]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
     """Pair minimal runs of input and output axes with equal products; size-1 axes left
     over at the end (the dynamo exporter's ``view`` of a pooled ``(N, C, 1, 1)`` as
-    ``(N, C)``) join the last run."""
+    ``(N, C)``) join the last run.  The reshape rule lives in :mod:`graphprune.reshape_rules`."""
     segs = []
     i = j = 0
     while i < len(sx) and j < len(sy):
@@ -479,13 +452,20 @@ def unsqueeze_rule(graph: Graph, node: Node, port: Port) -> Coupling:
 
 @rule("slice")
 def slice_rule(graph: Graph, node: Node, port: Port) -> Coupling:
-    """Slice keeps a range of indices on the axes ``attrs["axes"]`` it cuts: those freeze
-    (which channels survive depends on their position); every other axis passes through."""
+    """Slice ``y = x[..., start:end, ...]`` on a cut axis with step 1 is an offset: output
+    channel i is input channel start + i (``attrs["ranges"][axis] = (start, end, step)``).
+    Input channels outside the range reach no output; removing them only moves the bounds.
+    A stepped slice, or one whose bounds are unknown, freezes its cut axis; every other
+    axis passes through."""
     x, y = node.inputs[0], node.outputs[0]
     cut = {norm_axis(int(a), _rank(graph, x)) for a in node.attrs.get("axes", [])}
-    if port.axis in cut:
-        return frozen(f"{node} slices axis {port.axis}")
-    return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+    if port.axis not in cut:
+        return Coupling(links=_same_axis(graph, node, port, [y if port.value == x else x]))
+    bounds = node.attrs.get("ranges", {}).get(port.axis)
+    if bounds is None or int(bounds[2]) != 1:
+        return frozen(f"{node} slices axis {port.axis} with a step or bounds known only at run time")
+    start, end = int(bounds[0]), int(bounds[1])
+    return Coupling(links=[Link(Port(y, port.axis), Port(x, port.axis), start + np.arange(end - start))])
 
 
 @rule("gather")
@@ -593,6 +573,25 @@ def gather_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> Non
     new = position[index[kept_out]]
     old = graph.node_param(src, "value")
     graph.set_param(src.params["value"], np.asarray(new, dtype=old.dtype))  # type: ignore[union-attr]
+
+
+@resize("slice")
+def slice_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> None:
+    """New bounds of a step-1 slice whose input or output lost channels: the kept input
+    channels in [start, end) are contiguous among the kept ones, so the new start counts
+    the kept channels before ``start`` and the new end adds the kept output count."""
+    x, y = node.inputs[0], node.outputs[0]
+    updates = {}
+    for axis, (start, end, _) in node.attrs.get("ranges", {}).items():
+        pin, pout = Port(x, axis), Port(y, axis)
+        if pin not in kept and pout not in kept:
+            continue
+        kept_in = kept.get(pin, np.arange(graph.shape(x)[axis]))  # type: ignore[index]
+        new_start = int(np.count_nonzero(kept_in < start))
+        n_out = len(kept[pout]) if pout in kept else end - start
+        updates[axis] = (new_start, new_start + n_out)
+    if updates:
+        graph.set_attr(node, "range", updates)
 
 
 @resize("reshape")

@@ -12,6 +12,10 @@ lowest-scoring classes are removed to meet the target:
 * ``macs=m``   — keep at most ``m`` of the model's MACs, removing classes in global
   score order;
 * ``lossless=true`` — remove only classes that are provably zero in the input model.
+* ``heads=h`` — remove ``floor(h * n)`` of the ``n`` heads of each attention (groups whose
+  classes are attention heads, see :mod:`graphprune.attention_rules`), whatever ``ratio``
+  or ``macs`` decide for the other groups; without ``heads`` attention heads are pruned
+  like any other group.  ``heads=0`` keeps every head.
 
 Data-driven criteria (``criterion=kl``, ``criterion=taylor``; see
 :mod:`graphprune.training.criteria`) need calibration data, passed as
@@ -29,9 +33,15 @@ the rewrite deletes those slices and resizes the ops on the way, and equals the
 projection exactly.
 
 Refused: options out of range, and budgets that the prunable channels cannot meet.
+Attention heads are channel classes of the head axis (:mod:`graphprune.attention_rules`):
+they go whole, with their q/k/v rows and out-projection columns, and the reshapes' head
+counts follow.  Channel slices, partial-channel adds and channel shuffles are offsets and
+permutations (:mod:`graphprune.rules`, :mod:`graphprune.reshape_rules`); channels that no
+op reads (dropped by a slice) are always removed.
+
 Frozen (never pruned): model inputs and outputs, channels that reach an op without a
-channel rule, normalisations across the channel axis (layer norm), attention
-embeddings, parameters shared by several ops.
+channel rule, normalisations across the channel axis (layer norm, so a transformer's
+embedding), head dimensions, parameters shared by several ops.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ from typing import Any, ClassVar, Collection
 
 import numpy as np
 
-from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels
+from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels, unread_classes
 from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
@@ -72,6 +82,8 @@ class PruneChannels(Pass):
         ignore: layers whose channels stay (node names, module paths such as `fc` or
             `layer1.0.conv1`, or module prefixes; `;`-separated on the command line).
         lossless: remove only channels that are provably zero (output unchanged).
+        heads: fraction of each attention's heads to remove, in [0, 1), whatever ratio or
+            macs decide for the other groups (heads=0 keeps every head).
     """
 
     name = "prune-channels"
@@ -84,6 +96,7 @@ class PruneChannels(Pass):
     min_keep: int = 1
     ignore: tuple[str, ...] = ()
     lossless: bool = False
+    heads: float | None = None
 
     def validate(self) -> None:
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
@@ -92,8 +105,12 @@ class PruneChannels(Pass):
             raise PassOptionError(f"{self.name}: macs must be in (0, 1], got {self.macs}")
         if self.ratio is not None and self.macs is not None:
             raise PassOptionError(f"{self.name}: give ratio or macs, not both")
-        if self.ratio is None and self.macs is None and not self.lossless:
-            raise PassOptionError(f"{self.name}: needs ratio=, macs= or lossless=true")
+        if self.ratio is None and self.macs is None and self.heads is None and not self.lossless:
+            raise PassOptionError(f"{self.name}: needs ratio=, macs=, heads= or lossless=true")
+        if self.heads is not None and not 0.0 <= self.heads < 1.0:
+            raise PassOptionError(f"{self.name}: heads must be in [0, 1), got {self.heads}")
+        if self.heads is not None and self.lossless:
+            raise PassOptionError(f"{self.name}: heads= is a budget; lossless=true removes only zero channels")
         if self.scope not in ("group", "global"):
             raise PassOptionError(f"{self.name}: scope must be `group` or `global`, got `{self.scope}`")
         if self.criterion not in CRITERIA:
@@ -145,6 +162,7 @@ class PruneChannels(Pass):
             kept = kept_indices(g, keep[g.id])
             out.append({
                 "group": g.id,
+                "heads": g.heads,
                 "classes": g.n_classes,
                 "kept_classes": int(keep[g.id].sum()),
                 "kept": {f"{p.value}:{p.axis}": idx.tolist() for p, idx in kept.items()},
@@ -155,7 +173,17 @@ class PruneChannels(Pass):
     def decide(self, graph: Graph, analysis: CouplingAnalysis, data: Any = None) -> dict[int, np.ndarray]:
         """Per group, a keep mask over its channel classes; every port keeps a channel."""
         groups = {g.id: g for g in analysis.groups}
-        keep = self._decide(graph, analysis, data)
+        if self.heads is None:
+            keep = self._decide(graph, analysis, data)
+        else:
+            head, rest = [g for g in analysis.groups if g.heads], [g for g in analysis.groups if not g.heads]
+            keep = self._ratio_keep(graph, head, self.heads, data)
+            if self.ratio is not None or self.macs is not None:
+                keep.update(self._decide(graph, CouplingAnalysis(rest, analysis.graph_nx), data))
+        for g in analysis.groups:  # channels nothing reads go whatever the budget
+            unread = unread_classes(g)
+            if unread.any():
+                keep[g.id] = keep.get(g.id, np.ones(g.n_classes, bool)) & ~unread
         return {gid: _keep_every_port(groups[gid], k) for gid, k in keep.items()}
 
     def importance(self, data: Any = None) -> Importance:
@@ -180,15 +208,22 @@ class PruneChannels(Pass):
             order = self._global_order(groups, scores, normalise)
             total = sum(int(groups[gid].prunable.sum()) for gid in scores)
             return self._cut(groups, order, math.floor(self.ratio * total))  # type: ignore[operator]
+        return self._ratio_keep(graph, [groups[gid] for gid in scores], self.ratio, data, scores)  # type: ignore[arg-type]
+
+    def _ratio_keep(self, graph: Graph, groups: list[PruningGroup], ratio: float, data: Any = None,
+                    scores: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        """Per group, remove the ``floor(ratio * n)`` lowest-scoring of its n prunable classes."""
         keep = {}
-        for gid, s in scores.items():
-            g = groups[gid]
-            n_remove = self._allowed(g, math.floor(self.ratio * int(g.prunable.sum())))  # type: ignore[operator]
+        for g in groups:
+            if not g.prunable.any():
+                continue
+            s = scores[g.id] if scores is not None else self.importance(data)(graph, g)
+            n_remove = self._allowed(g, math.floor(ratio * int(g.prunable.sum())))
             k = np.ones(g.n_classes, bool)
             cand = np.nonzero(g.prunable)[0]
             removed = cand[np.argsort(s[cand], kind="stable")[:n_remove]]
             k[removed] = False
-            keep[gid] = self._finish(g, k, removed.tolist())
+            keep[g.id] = self._finish(g, k, removed.tolist())
         return keep
 
     def _allowed(self, g: PruningGroup, n_remove: int) -> int:

@@ -138,10 +138,18 @@ def test_regrouping_reshape_freezes() -> None:
     assert any("reshape" in r for r in group.reasons.values())
 
 
-def test_channel_shuffle_freezes_not_guesses() -> None:
+def test_channel_shuffle_is_a_permutation() -> None:
+    """view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w): channels b*4 + a and
+    b'*4 + a are one class (the shuffle keeps its form only if both go together)."""
+    torch.manual_seed(0)
     g = trace(ChannelShuffle(), 1, 3, 4, 4)
     group = group_at(g, "a")
-    assert group.frozen.all()
+    assert group.n_classes == 4 and group.prunable.all()
+    classes = group.class_of[gp.Port(g.find("a").outputs[0], 1)]
+    assert (classes[:4] == classes[4:]).all() and len(set(classes[:4])) == 4
+    result = gp.get_pass("prune-channels")(ratio=0.5)(g)
+    assert result.graph.param("a.weight").shape[0] == 4
+    assert gp.compare(result.graph, result.reference()) <= 1e-5
 
 
 def test_reshape_segments() -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-__all__ = ["Classified", "classify_aten", "is_aten", "packet_name", "conv_args", "CONV_ARG_NAMES"]
+__all__ = ["Classified", "classify_aten", "is_aten", "packet_name", "conv_args", "slice_range", "CONV_ARG_NAMES"]
 
 
 @dataclass
@@ -314,10 +314,32 @@ def _slice(n: fx.Node) -> Classified:
     """aten.slice(x, dim, start, end, step): a slice that keeps the whole axis is an identity."""
     x = n.args[0]
     dim, start, end, step = int(_arg(n, 1, "dim", 0)), _arg(n, 2, "start"), _arg(n, 3, "end"), _arg(n, 4, "step", 1)
-    size = _tensor_meta(x).shape[dim]  # type: ignore[union-attr]
+    shape = _tensor_meta(x).shape  # type: ignore[union-attr]
+    size = shape[dim]
     if (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= size)) and step == 1:
         return Classified("identity", [x])
-    return Classified("slice", [x], {"axes": [dim]})
+    if not all(isinstance(v, int) or v is None for v in (start, end, step)):
+        return Classified("slice", [x], {"axes": [dim]})
+    dim = dim + len(shape) if dim < 0 else dim
+    return Classified("slice", [x], {"axes": [dim], "ranges": {dim: slice_range(start, end, step, size)}})
+
+
+def slice_range(start: int | None, end: int | None, step: int | None, size: int) -> tuple[int, int, int]:
+    """Python/ONNX slice bounds normalised to ``0 <= start <= end <= size`` (positive step)."""
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    return start, max(start, end), 1 if step is None else int(step)
+
+
+def _index(n: fx.Node) -> Classified:
+    """aten.index(x, [None, ..., idx]) with one index tensor: a gather along its axis (the
+    relative-position bias tables of Swin); other index patterns are ``unknown``."""
+    x, indices = n.args[0], list(n.args[1])
+    given = [i for i, t in enumerate(indices) if t is not None]
+    if len(given) != 1 or not _is_node(indices[given[0]]) or len(_tensor_meta(indices[given[0]]).shape) != 1:
+        return Classified("unknown", list(_tensor_args(n)), {"why": "advanced indexing"})
+    return Classified("gather", [x, indices[given[0]]], {"axis": given[0]})
 
 
 def _index_select(n: fx.Node) -> Classified:
@@ -328,7 +350,11 @@ def _spatial(kind: str) -> Callable[[fx.Node], Classified]:
     def classify(n: fx.Node) -> Classified:
         attrs: dict[str, Any] = {}
         if kind == "pad":
-            attrs["pads"] = [int(p) for p in n.args[1]]
+            pads = [int(p) for p in n.args[1]]
+            rank = len(_tensor_meta(n.args[0]).shape)  # type: ignore[union-attr]
+            attrs["pads"] = pads
+            # torch order: (lo, hi) pairs from the last axis backwards
+            attrs["padded_axes"] = [rank - 1 - i // 2 for i in range(0, len(pads), 2) if pads[i] or pads[i + 1]]
         return Classified(kind, [n.args[0]], attrs)
 
     classify.__doc__ = f"Spatial ops ({kind}): channels pass through."
@@ -336,7 +362,28 @@ def _spatial(kind: str) -> Callable[[fx.Node], Classified]:
 
 
 def _matmul(n: fx.Node) -> Classified:
+    """Products of activations; an einsum's subscripts are not read, so it is marked."""
+    if packet_name(n) == "einsum":
+        return Classified("matmul", list(_tensor_args(n)), {"einsum": n.args[0]})
     return Classified("matmul", list(_tensor_args(n)))
+
+
+def _sdpa(n: fx.Node) -> Classified:
+    """aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+    enable_gqa): inputs q, k, v and the mask when it is a tensor."""
+    q, k, v = n.args[:3]
+    mask = _arg(n, 3, "attn_mask")
+    inputs = [q, k, v] + ([mask] if _is_node(mask) else [])
+    attrs = {"scale": _arg(n, 6, "scale"), "causal": bool(_arg(n, 5, "is_causal", False)),
+             "gqa": bool(_arg(n, 7, "enable_gqa", False))}
+    return Classified("attention", inputs, attrs)
+
+
+def _select(n: fx.Node) -> Classified:
+    """aten.select(x, dim, index) and aten.unbind(x, dim): single indices of one axis."""
+    if packet_name(n) == "unbind":
+        return Classified("unbind", [n.args[0]], {"axis": int(_arg(n, 1, "dim", 0))})
+    return Classified("select", [n.args[0]], {"axis": int(n.args[1]), "index": n.args[2]})
 
 
 def _tensor_meta(n: Any) -> Any:
@@ -387,6 +434,7 @@ _register(_squeeze, "squeeze", "squeeze_")
 _register(_unsqueeze, "unsqueeze", "unsqueeze_")
 _register(_slice, "slice")
 _register(_index_select, "index_select")
+_register(_index, "index")
 _register(_spatial("pool"), "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
           "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices", "upsample_nearest1d",
@@ -394,7 +442,9 @@ _register(_spatial("pool"), "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1
           "upsample_linear1d", "upsample_trilinear3d", "_upsample_bilinear2d_aa")
 _register(_spatial("pad"), "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
           "replication_pad1d", "replication_pad2d", "replication_pad3d")
-_register(_matmul, "matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_product_attention")
+_register(_matmul, "matmul", "bmm", "mm", "einsum", "baddbmm")
+_register(_sdpa, "scaled_dot_product_attention")
+_register(_select, "select", "unbind")
 
 
 def classify_aten(n: fx.Node) -> Classified:

@@ -177,6 +177,8 @@ class ExportFrontend(FxFrontend):
             self._set_split(n, node, [int(v) for v in value])
         elif node.kind == "reshape" and key == "shape":
             self._set_shape(n, node, value)
+        elif name == "slice" and key == "range":
+            self._set_slice(n, value)
         else:
             raise GraphError(f"cannot set `{key}` on {node} (aten.{name})")
 
@@ -218,6 +220,13 @@ class ExportFrontend(FxFrontend):
         n.target = _ATEN.reshape.default
         n.args, n.kwargs = (n.args[0], new), {}
         self._record_literal(n, "reshape sizes", old, new)
+
+    def _set_slice(self, n: fx.Node, ranges: Mapping[int, tuple[int, int]]) -> None:
+        """aten.slice(x, dim, start, end, step): new bounds on its one axis."""
+        ((_, (start, end)),) = ranges.items()
+        old = [n.args[2] if len(n.args) > 2 else None, n.args[3] if len(n.args) > 3 else None]
+        n.args, n.kwargs = (n.args[0], n.args[1], int(start), int(end), 1), {}
+        self._record_literal(n, "slice bounds", old, [int(start), int(end)])
 
     def _record_literal(self, n: fx.Node, what: str, old: Any, new: Any) -> None:
         if old != new:

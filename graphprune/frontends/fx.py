@@ -293,6 +293,9 @@ class FxFrontend:
             kind, attrs = "gather", {"axis": _arg(n, 1, "dim", 0)}
         elif t in (torch.matmul, torch.bmm, operator.matmul):
             kind = "matmul"
+        elif t is operator.getitem and ins and ins[0] == getattr(n.args[0], "name", None):
+            sliced, ins = _getitem_slices(n), ins[:1]
+            kind, attrs = ("slice", sliced) if sliced is not None else ("unknown", {})
         return Node(n.name, kind, ins, outs, attrs, {}, label, target)
 
     def _classify_method(self, n: fx.Node, ins: list[str], outs: list[str]) -> Node:
@@ -403,30 +406,11 @@ class FxFrontend:
             self.gm.graph.erase_node(n)
             return
         if key == "shape" and node.kind == "reshape":
-            self._set_reshape(n, value)
+            _set_reshape(n, value)
             return
+        if key == "range" and node.kind == "slice" and n.target is operator.getitem:
+            return _set_getitem_range(n, value)
         raise GraphError(f"cannot set `{key}` on {node}")
-
-    def _set_reshape(self, n: fx.Node, updates: dict[int, int]) -> None:
-        """Replace literal sizes of a view/reshape at the axes in ``updates``."""
-        is_method = n.op == "call_method"
-        raw = list(n.args[1:]) if is_method else [n.args[1]]
-        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-            shape, packed = list(raw[0]), True
-        else:
-            shape, packed = raw, False
-        for axis, size in updates.items():
-            entry = shape[axis]
-            if isinstance(entry, int) and entry != -1:
-                shape[axis] = int(size)
-            elif isinstance(entry, int) and entry == -1:
-                continue  # inferred: follows the new input size
-            else:
-                raise GraphError(
-                    f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
-                )
-        new_shape = [tuple(shape)] if packed else shape
-        n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
 
     def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
         from .fx_build import replace_with_new_nodes
@@ -715,6 +699,56 @@ def _conv_pads(mod: nn.modules.conv._ConvNd) -> tuple[int, ...]:
         total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]  # "same", stride 1
         return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
     return tuple(mod.padding) * 2
+
+
+def _set_reshape(n: fx.Node, updates: Mapping[int, int]) -> None:
+    """Replace literal sizes of a view/reshape at the axes in ``updates``."""
+    is_method = n.op == "call_method"
+    raw = list(n.args[1:]) if is_method else [n.args[1]]
+    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+        shape, packed = list(raw[0]), True
+    else:
+        shape, packed = raw, False
+    for axis, size in updates.items():
+        entry = shape[axis]
+        if isinstance(entry, int) and entry != -1:
+            shape[axis] = int(size)
+        elif isinstance(entry, int) and entry == -1:
+            continue  # inferred: follows the new input size
+        else:
+            raise GraphError(
+                f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
+            )
+    new_shape = [tuple(shape)] if packed else shape
+    n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
+
+
+def _set_getitem_range(n: fx.Node, ranges: Mapping[int, tuple[int, int]]) -> None:
+    """New literal bounds ``x[..., start:end, ...]`` on the given axes."""
+    index = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
+    for axis, (start, end) in ranges.items():
+        index[axis] = slice(int(start), int(end), None)
+    n.args = (n.args[0], tuple(index))
+
+
+def _getitem_slices(n: fx.Node) -> dict[str, Any] | None:
+    """``x[a:b, :, c:d]`` (basic slices with literal bounds only) as slice attrs: cut axes
+    and their normalised (start, end, step); None for any other index."""
+    from .aten import slice_range
+
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    meta = n.args[0].meta.get("tensor_meta")  # type: ignore[union-attr]
+    if not _is_tensor_meta(meta) or len(index) > len(meta.shape):
+        return None
+    ranges = {}
+    for axis, item in enumerate(index):
+        if not isinstance(item, slice) or not all(v is None or isinstance(v, int) for v in (item.start, item.stop, item.step)):
+            return None
+        size = int(meta.shape[axis])
+        bounds = slice_range(item.start, item.stop, item.step, size)
+        if bounds != (0, size, 1):
+            ranges[axis] = bounds
+    return {"axes": sorted(ranges), "ranges": ranges}
 
 
 def _binary_attrs(n: fx.Node) -> dict[str, Any]:

@@ -497,9 +497,21 @@ def flatten(ctx: OpContext, node: gs.Node) -> Spec:
 
 
 def reshape(ctx: OpContext, node: gs.Node) -> Spec:
-    """Reshape to a target shape known before run time."""
+    """Reshape to a target shape known before run time, or to the whole shape of another
+    value (``Reshape(y, Shape(x))``: the exported group norm's way back to x's shape), which
+    follows x when x is pruned (``attrs["shape_of"]`` names x)."""
+    target = node.inputs[1]
+    src = target.inputs[0] if len(target.inputs) == 1 else None
+    if ctx.fold(target) is None and src is not None and src.op == "Shape" and _whole_shape(ctx, src):
+        return Spec("reshape", [node.inputs[0]], {"shape_of": src.inputs[0].name})
     ctx.input_const(node, 1, "target shape")
     return Spec("reshape", [node.inputs[0]])
+
+
+def _whole_shape(ctx: OpContext, node: gs.Node) -> bool:
+    rank = ctx.rank(node.inputs[0])
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    return start in (0, -rank) and end >= rank
 
 
 def transpose(ctx: OpContext, node: gs.Node) -> Spec:
@@ -545,16 +557,17 @@ def slice_(ctx: OpContext, node: gs.Node) -> Spec:
         s = ctx.input_const(node, 4, "steps")
         axes = a.reshape(-1).tolist() if a is not None else list(range(len(starts)))
         steps = s.reshape(-1).tolist() if s is not None else [1] * len(starts)
-    cut = []
+    cut, ranges = [], {}
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) + rank if int(axis) < 0 else int(axis)
         n = shape[axis]
         start, end = int(start), int(end)
-        start = max(0, start + n if start < 0 else start)
-        end = min(n, end + n if end < 0 else end)
+        start = min(n, max(0, start + n if start < 0 else start))
+        end = max(start, min(n, end + n if end < 0 else end))
         if not (int(step) == 1 and start == 0 and end >= n):
             cut.append(axis)
-    return Spec("slice", [node.inputs[0]], {"axes": sorted(set(cut))})
+            ranges[axis] = (start, end, int(step))
+    return Spec("slice", [node.inputs[0]], {"axes": sorted(set(cut)), "ranges": ranges})
 
 
 def gather(ctx: OpContext, node: gs.Node) -> Spec:
@@ -569,9 +582,20 @@ def gather(ctx: OpContext, node: gs.Node) -> Spec:
     axis = int(node.attrs.get("axis", 0))
     axis = axis + len(shape) if axis < 0 else axis
     value = const_value(index)
+    if value is not None and value.ndim == 0:  # a scalar index picks one slice: x.select(axis, i)
+        i = int(value)
+        return Spec("select", [x], {"axis": axis, "index": i + shape[axis] if i < 0 else i})
     if value is None or value.ndim != 1 or not value.size or value.min() < 0 or value.max() >= shape[axis]:
         raise Unknown("its index is not a 1-D list of non-negative positions")
     return Spec("gather", [x, index], {"axis": axis})
+
+
+def shape_(ctx: OpContext, node: gs.Node) -> Spec:
+    """Shape (opset 15 start/end attributes): reads the sizes of its input, not values."""
+    rank = ctx.rank(node.inputs[0])
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    start, end = start + rank if start < 0 else start, end + rank if end < 0 else end
+    return Spec("shape", [node.inputs[0]], {"start": max(0, start), "end": min(rank, end)})
 
 
 def concat(ctx: OpContext, node: gs.Node) -> Spec:
@@ -622,5 +646,5 @@ CLASSIFIERS: dict[str, Classifier] = {
     "Pow": pow_, "Identity": identity, "Dropout": identity, "Cast": identity, "CastLike": identity,
     "Resize": resize, "Upsample": resize, "Pad": pad, "Flatten": flatten, "Reshape": reshape,
     "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Slice": slice_, "Concat": concat,
-    "Split": split, "Gather": gather, "Softmax": softmax, "LogSoftmax": softmax, "Constant": constant,
+    "Split": split, "Gather": gather, "Shape": shape_, "Softmax": softmax, "LogSoftmax": softmax, "Constant": constant,
 }

@@ -223,6 +223,9 @@ def set_reshape_shape(fe: OnnxEdits, n: gs.Node, updates: Mapping[int, int]) -> 
     follow the input)."""
     if n.op == "Flatten":
         return  # Flatten computes its output shape from its input
+    target = n.inputs[1]
+    if fe._ops().fold(target) is None and len(target.inputs) == 1 and target.inputs[0].op == "Shape":
+        return  # Reshape(y, Shape(x)) follows x, which lost the same channels
     shape = fe._ops().fold(n.inputs[1])
     if shape is None:
         raise GraphError(f"cannot resize reshape `{n.name}`: its target shape is computed at run time")
@@ -231,6 +234,30 @@ def set_reshape_shape(fe: OnnxEdits, n: gs.Node, updates: Mapping[int, int]) -> 
         if shape[axis] not in (-1, 0):
             shape[axis] = int(size)
     n.inputs[1] = gs.Constant(fe._fresh_tensor_name(f"{n.name}.shape"), shape)
+
+
+def set_slice_range(fe: OnnxEdits, n: gs.Node, ranges: Mapping[int, tuple[int, int]]) -> None:
+    """New (start, end) of a Slice on the given axes: its starts/ends inputs (opset >= 10)
+    or attributes get the bounds at those axes' positions."""
+    ops = fe._ops()
+    rank = ops.rank(n.inputs[0])
+    if "starts" in n.attrs:
+        starts, ends = list(n.attrs["starts"]), list(n.attrs["ends"])
+        axes = list(n.attrs.get("axes", range(len(starts))))
+    else:
+        starts = ops.fold(n.inputs[1]).reshape(-1).tolist()  # type: ignore[union-attr]
+        ends = ops.fold(n.inputs[2]).reshape(-1).tolist()  # type: ignore[union-attr]
+        given = ops.fold(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3].name else None
+        axes = given.reshape(-1).tolist() if given is not None else list(range(len(starts)))
+    axes = [int(a) + rank if int(a) < 0 else int(a) for a in axes]
+    for axis, (start, end) in ranges.items():
+        i = axes.index(axis)
+        starts[i], ends[i] = int(start), int(end)
+    if "starts" in n.attrs:
+        n.attrs["starts"], n.attrs["ends"] = starts, ends
+        return
+    n.inputs[1] = gs.Constant(fe._fresh_tensor_name(f"{n.name}.starts"), np.asarray(starts, dtype=np.int64))
+    n.inputs[2] = gs.Constant(fe._fresh_tensor_name(f"{n.name}.ends"), np.asarray(ends, dtype=np.int64))
 
 
 def set_groupnorm(fe: OnnxEdits, n: gs.Node, value: int) -> None:
@@ -245,4 +272,5 @@ SETTERS: dict[tuple[str, str], Setter] = {
     ("Reshape", "shape"): set_reshape_shape,
     ("Flatten", "shape"): set_reshape_shape,
     ("GroupNormalization", "num_groups"): set_groupnorm,
+    ("Slice", "range"): set_slice_range,
 }
