@@ -24,6 +24,7 @@ import networkx as nx
 import numpy as np
 
 from .graph import Graph, Node, Port
+from .profile import stage
 from .rules import Coupling, couple, seed_ports
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
 
     ``ignore`` names nodes (module paths / ONNX node names) whose channels must stay.
     """
+    with stage("coupling"):
+        return _analyse(graph, ignore)
+
+
+def _analyse(graph: Graph, ignore: Iterable[str]) -> CouplingAnalysis:
     ignored = set(ignore)
     shared = _shared_params(graph)
     boundary = set(graph.inputs) | set(graph.outputs)

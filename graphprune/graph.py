@@ -49,6 +49,8 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
+from .profile import stage
+
 
 class GraphError(Exception):
     """A graph that graphprune cannot read, edit or verify; the message names the node."""
@@ -152,6 +154,10 @@ class Graph:
 
     # ----------------------------------------------------------------- reading
     def _rebuild(self) -> None:
+        with stage("view"):
+            self._read_view()
+
+    def _read_view(self) -> None:
         nodes, values, inputs, outputs = self.frontend.view()
         self.nodes: list[Node] = nodes
         self.values: dict[str, ValueInfo] = values
@@ -248,7 +254,8 @@ class Graph:
         self._rebuild()
 
     def copy(self) -> "Graph":
-        return Graph(self.frontend.copy())
+        with stage("copies"):
+            return Graph(self.frontend.copy())
 
     # --------------------------------------------------------------- executing
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -298,7 +305,8 @@ class Graph:
 
     def to_onnx(self, path: str, **options: Any) -> None:
         """Write the graph as an ONNX file (atomically)."""
-        self.frontend.to_onnx(path, **options)
+        with stage("emit"):
+            self.frontend.to_onnx(path, **options)
 
     save_onnx = to_onnx
 

@@ -152,7 +152,9 @@ class PassManager:
 
     ``verify`` (default on) checks each result against its projected reference on the
     check inputs: ``check_inputs`` (the user's own, see :func:`graphprune.probes.check_samples`)
-    or two default probes.  ``rtol`` None measures the tolerance per model from the
+    or ``probes`` default probes (random inputs, two unless told; see
+    :func:`graphprune.verify.check_exact` for why one already proves exactness almost
+    surely and the second guards against an unlucky draw).  ``rtol`` None measures the tolerance per model from the
     reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
     is used as is.  ``lossless`` sets every pass that has the option to its lossless
     setting; ``data`` (calibration batches, see
@@ -162,17 +164,20 @@ class PassManager:
 
     def __init__(
         self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
-        check_inputs: CheckInputs | None = None, data: Any = None,
+        check_inputs: CheckInputs | None = None, data: Any = None, probes: int = 2,
     ) -> None:
+        if probes < 1:
+            raise PassOptionError(f"probes must be at least 1, got {probes}")
         self.passes = [_with_lossless(p) if lossless else p for p in passes]
         self.verify = verify
         self.rtol = rtol
         self.check_inputs = check_inputs
         self.data = data
+        self.probes = probes
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         results, timings, checks = [], [], []
-        samples = check_samples(graph, self.check_inputs) if self.verify else []
+        samples = check_samples(graph, self.check_inputs, n=self.probes) if self.verify else []
         current = graph
         for p in self.passes:
             start = time.perf_counter()
@@ -201,7 +206,7 @@ def _with_lossless(p: Pass) -> Pass:
 
 def run(
     graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
-    lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None,
+    lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, probes: int = 2,
 ) -> PipelineResult:
     """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
 
@@ -209,7 +214,7 @@ def run(
     a mapping of input name to array, or an iterable of those, e.g. a ``DataLoader``).
     ``check_inputs`` are the inputs to verify on (an ``.npz`` path, a mapping name ->
     array with samples along a leading axis, or a list of samples; see
-    :mod:`graphprune.probes`), default two probes; ``rtol`` None measures the tolerance
+    :mod:`graphprune.probes`), default ``probes`` random probes (2); ``rtol`` None measures the tolerance
     from the model's own float noise, a number is used as is.
     """
     if isinstance(pipeline, str):
@@ -218,4 +223,5 @@ def run(
         passes = [pipeline]
     else:
         passes = list(pipeline)
-    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data).run(graph)
+    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data,
+                       probes=probes).run(graph)

@@ -26,6 +26,7 @@ import torch
 
 from .graph import Graph
 from .errors import VerificationError
+from .profile import stage
 
 __all__ = [
     "ExactnessCheck", "NOISE_FACTOR", "RTOL_CAP", "RTOL_FLOOR", "assert_exact", "check_exact", "compare",
@@ -134,11 +135,12 @@ def check_exact(
     reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
     measured only when the error exceeds the floor (below it the tolerance cannot
     matter), unless ``always_measure`` (reports that show it)."""
-    samples = _samples(reference, n, 0, inputs)
-    error = compare(graph, reference, inputs=samples)
-    if rtol is not None:
-        return ExactnessCheck(error, rtol, None, len(samples), measured=False)
-    noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
+    with stage("verify"):
+        samples = _samples(reference, n, 0, inputs)
+        error = compare(graph, reference, inputs=samples)
+        if rtol is not None:
+            return ExactnessCheck(error, rtol, None, len(samples), measured=False)
+        noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 

@@ -48,6 +48,7 @@ from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
 from graphprune.importance import CRITERIA, Importance, get_importance, needs_data
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
+from graphprune.profile import stage
 
 __all__ = ["PruneChannels"]
 
@@ -98,9 +99,11 @@ class PruneChannels(Pass):
         analysis = analyse(graph, ignore=self.ignore)
         keep = self.decide(graph, analysis, data)
         keep = {gid: k for gid, k in keep.items() if not k.all()}
-        projection = channel_projection(graph, analysis, keep)
+        with stage("rewrite"):
+            projection = channel_projection(graph, analysis, keep)
         work = graph.copy()
-        removed = remove_channels(work, analysis, keep) if keep else 0
+        with stage("rewrite"):
+            removed = remove_channels(work, analysis, keep) if keep else 0
         records = self._records(analysis, keep)
         logger.info("prune-channels: removed %d channels in %d groups", removed, len(keep))
         return PassResult(work, bool(removed), graph, projection, records)
@@ -139,11 +142,13 @@ class PruneChannels(Pass):
                     keep[g.id] = self._finish(g, k, np.nonzero(~k)[0].tolist())
             return keep
         score_fn = self.importance(data)
-        scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
+        with stage("scoring"):
+            scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
         groups = {g.id: g for g in analysis.groups}
         normalise = not getattr(score_fn, "comparable", False)
         if self.macs is not None:
-            return self._decide_macs(graph, analysis, scores, normalise)
+            with stage("search"):
+                return self._decide_macs(graph, analysis, scores, normalise)
         if self.scope == "global":
             order = self._global_order(groups, scores, normalise)
             total = sum(int(groups[gid].prunable.sum()) for gid in scores)

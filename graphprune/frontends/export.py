@@ -33,6 +33,7 @@ from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
 from .fx import CaptureError, FxFrontend, _graph_module, _shallow_tree
 from .fx_build import resolve_input, split_pads
+from ..profile import stage
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
 
@@ -59,15 +60,16 @@ class Edit:
 
 def capture_export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Graph:
     """Capture ``model`` with ``torch.export`` (non-strict) as a :class:`Graph`."""
-    work = _shallow_tree(model)
-    work.eval()
-    try:
-        ep = torch.export.export(work, tuple(inputs), strict=False)
-    except Exception as exc:  # export raises many types; name the construct
-        raise CaptureError(f"torch.export cannot capture `{type(model).__name__}`: {_first_line(exc)}") from exc
-    unlifted = ep.module()
-    graph = _plain_graph(unlifted.graph, ep.call_spec.out_spec)
-    gm = fx.GraphModule(unlifted, graph, type(model).__name__)
+    with stage("capture"):
+        work = _shallow_tree(model)
+        work.eval()
+        try:
+            ep = torch.export.export(work, tuple(inputs), strict=False)
+        except Exception as exc:  # export raises many types; name the construct
+            raise CaptureError(f"torch.export cannot capture `{type(model).__name__}`: {_first_line(exc)}") from exc
+        unlifted = ep.module()
+        graph = _plain_graph(unlifted.graph, ep.call_spec.out_spec)
+        gm = fx.GraphModule(unlifted, graph, type(model).__name__)
     return Graph(ExportFrontend(gm, list(inputs), original_training=model.training))
 
 

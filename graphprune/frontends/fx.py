@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
+from ..profile import stage
 
 
 class CaptureError(GraphError):
@@ -134,7 +135,8 @@ def trace_fx(
     work.eval()
     tracer = _GraphpruneTracer(leaf_modules)
     try:
-        graph = tracer.trace(work, concrete_args=concrete_args)
+        with stage("capture"):
+            graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError...
         path = tracer.failed_path or ""
         where = path or type(model).__name__
@@ -172,7 +174,7 @@ class FxFrontend:
                 f"({', '.join(p.name for p in placeholders)}) but {len(self._inputs)} example inputs were given"
             )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), stage("shapes"):
                 ShapeProp(self.gm).propagate(*self._inputs)
         except Exception as exc:
             raise CaptureError(f"shape propagation failed: {exc}") from exc
@@ -505,6 +507,10 @@ class FxFrontend:
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
+        with stage("emit"):
+            return self._to_module()
+
+    def _to_module(self) -> nn.Module:
         root = _shallow_tree(self.gm)
         for mod in root.modules():
             for k, v in mod._parameters.items():
