@@ -70,7 +70,40 @@ def capture_export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Graph:
         unlifted = ep.module()
         graph = _plain_graph(unlifted.graph, ep.call_spec.out_spec)
         gm = fx.GraphModule(unlifted, graph, type(model).__name__)
-    return Graph(ExportFrontend(gm, list(inputs), original_training=model.training))
+    with stage("shapes"):
+        known = shapes_from_export(gm)
+    return Graph(ExportFrontend(gm, list(inputs), original_training=model.training, propagate=not known))
+
+
+def shapes_from_export(gm: fx.GraphModule) -> bool:
+    """Set every node's ``tensor_meta`` from the fake tensor ``val`` that ``torch.export``
+    recorded while tracing (the shapes a shape-propagation forward would compute, without
+    running a kernel); True if every node that holds a tensor or a sequence of tensors got
+    one.  ``get_attr`` nodes take the metadata of the tensor they fetch."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        val = _attr_value(gm, n) if n.op == "get_attr" else n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(val)
+        elif isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in val)
+        elif isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val) or (
+                val is None and n.op != "get_attr" and "val" not in n.meta):
+            return False  # a mix of tensors and other values, or a node export gave no value
+        else:
+            n.meta.pop("tensor_meta", None)  # a Python value (a size): no tensor
+    return True
+
+
+def _attr_value(gm: fx.GraphModule, n: fx.Node) -> Any:
+    path, _, attr = str(n.target).rpartition(".")
+    try:
+        return getattr(gm.get_submodule(path) if path else gm, attr)
+    except AttributeError:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
