@@ -12,7 +12,6 @@ applied to the original module for fine-tuning.
 """
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any, Callable, Mapping, Sequence
 
@@ -640,8 +639,14 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
 
 
 def _shallow_tree(module: nn.Module) -> nn.Module:
-    """Copy the module objects of a tree, sharing their parameter and buffer tensors."""
-    new = copy.copy(module)
+    """Copy the module objects of a tree, sharing their parameter and buffer tensors.
+
+    Each module is a new object with a copy of the old one's ``__dict__`` (what
+    ``copy.copy`` does for a module, without its ``__reduce_ex__`` round trip or a
+    ``GraphModule``'s recompiling ``__copy__``); the parameter, buffer and child
+    dictionaries are new, so replacing an entry never reaches the original."""
+    new = object.__new__(type(module))
+    new.__dict__ = dict(module.__dict__)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
