@@ -43,12 +43,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels
-from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
 from graphprune.importance import CRITERIA, Importance, get_importance, needs_data
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.profile import stage
+from graphprune.search import MacCounter
 
 __all__ = ["PruneChannels"]
 
@@ -218,13 +218,14 @@ class PruneChannels(Pass):
         self, graph: Graph, analysis: CouplingAnalysis, scores: dict[int, np.ndarray], normalise: bool = True
     ) -> dict[int, np.ndarray]:
         groups = {g.id: g for g in analysis.groups}
-        base = graph_cost(graph, with_params=False).macs
+        counter = MacCounter(graph, (p for g in analysis.groups for p in g.ports))
+        base = counter.total
         target = self.macs * base  # type: ignore[operator]
         order = self._global_order(groups, scores, normalise)
 
         def macs_after(n: int) -> int:
             keep = self._cut(groups, order, n)
-            return graph_cost(graph, _sizes(groups, keep), with_params=False).macs
+            return counter.macs(_sizes(groups, keep))
 
         floor_macs = macs_after(len(order))
         if floor_macs > target:
