@@ -137,9 +137,14 @@ def _analyse(graph: Graph, ignore: Iterable[str]) -> CouplingAnalysis:
         g.add_edge(a, b)
 
     groups = []
-    for i, comp in enumerate(sorted(nx.connected_components(g), key=lambda c: min(str(p) for p in c))):
+    components = sorted(nx.connected_components(g), key=lambda c: min(str(p) for p in c))
+    component_of = {p: i for i, comp in enumerate(components) for p in comp}
+    edges_of: list[list[tuple[Port, Port, np.ndarray | None]]] = [[] for _ in components]
+    for edge in edges:  # each edge once, to the group of its ports (not a scan per group)
+        edges_of[component_of[edge[0]]].append(edge)
+    for i, comp in enumerate(components):
         ports = sorted(comp, key=lambda p: (p.value, p.axis))
-        groups.append(_build_group(graph, i, ports, members, reasons, edges))
+        groups.append(_build_group(graph, i, ports, members, reasons, edges_of[i]))
     logger.debug("coupling analysis: %d groups", len(groups))
     return CouplingAnalysis(groups, g)
 
@@ -174,11 +179,8 @@ def _build_group(
     for p in ports:
         base[p] = total
         total += sizes[p]
-    port_set = set(ports)
     src, dst = [], []
-    for a, b, m in edges:
-        if a not in port_set:
-            continue
+    for a, b, m in edges:  # the group's own edges
         ia = base[a] + np.arange(sizes[a])
         ib = base[b] + (np.arange(sizes[a]) if m is None else np.asarray(m))
         src.append(ia)

@@ -22,7 +22,6 @@ The captured graph is in eval mode: batch norm uses its running statistics whate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -31,31 +30,13 @@ import torch.nn as nn
 
 from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
-from .fx import CaptureError, FxFrontend, _graph_module, _shallow_tree
+from .fx import CaptureError, Edit, FxFrontend, _graph_module, _shallow_tree
 from .fx_build import resolve_input, split_pads
 from ..profile import stage
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
 
 _ATEN = torch.ops.aten
-
-
-@dataclass
-class Edit:
-    """One edit of the captured graph that the model's Python code would have to repeat.
-
-    ``kind`` is ``literal`` (a size in a reshape/split the code computes or hard-codes),
-    ``replace`` (a layer replaced by new layers) or ``gather`` (a channel gather inserted).
-    ``module`` is the model's module whose ``forward`` holds the op.
-    """
-
-    kind: str
-    node: str
-    module: str
-    what: str
-    old: Any = None
-    new: Any = None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def capture_export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Graph:
@@ -158,8 +139,7 @@ class ExportFrontend(FxFrontend):
 
     def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False,
                  propagate: bool = True, edits: list[Edit] | None = None) -> None:
-        super().__init__(gm, inputs, original_training, propagate)
-        self.edits: list[Edit] = list(edits or [])
+        super().__init__(gm, inputs, original_training, propagate, edits)
 
     # ----------------------------------------------------------------- reading
     def _begin_view(self, fx_nodes: list[fx.Node]) -> None:

@@ -13,6 +13,7 @@ applied to the original module for fine-tuning.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -27,6 +28,24 @@ from ..profile import stage
 
 class CaptureError(GraphError):
     """The model could not be traced; the message names the construct and the remedy."""
+
+
+@dataclass
+class Edit:
+    """One edit of a captured (export or fx) graph that the model's Python code would have to repeat.
+
+    ``kind`` is ``literal`` (a size in a reshape/split the code computes or hard-codes),
+    ``replace`` (a layer replaced by new layers) or ``gather`` (a channel gather inserted).
+    ``module`` is the model's module whose ``forward`` holds the op.
+    """
+
+    kind: str
+    node: str
+    module: str
+    what: str
+    old: Any = None
+    new: Any = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ op tables
@@ -155,9 +174,11 @@ class FxFrontend:
     name = "fx"
 
     def __init__(
-        self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True
+        self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True,
+        edits: list[Edit] | None = None,
     ) -> None:
         self.gm = gm
+        self.edits: list[Edit] = list(edits or [])  # structural edits, for graphprune.apply
         self._inputs = inputs
         self.original_training = original_training
         if propagate:
@@ -401,7 +422,8 @@ class FxFrontend:
         if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
             shape, packed = list(raw[0]), True
         else:
-            shape, packed = raw, False
+            shape, packed = list(raw), False
+        old = list(shape)
         for axis, size in updates.items():
             entry = shape[axis]
             if isinstance(entry, int) and entry != -1:
@@ -412,6 +434,8 @@ class FxFrontend:
                 raise GraphError(
                     f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
                 )
+        if shape != old:
+            self.edits.append(Edit("literal", n.name, "", "reshape sizes", _literal_text(old), _literal_text(shape)))
         new_shape = [tuple(shape)] if packed else shape
         n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
 
@@ -419,8 +443,15 @@ class FxFrontend:
         from .fx_build import replace_with_new_nodes
 
         self.__dict__.pop("_module_cache", None)
-        replace_with_new_nodes(self, node, new)
+        old = self._fx_node(node)
+        old_path = str(old.target) if old.op == "call_module" else ""
+        paths = replace_with_new_nodes(self, node, new)
         self.__dict__.pop("_module_cache", None)
+        if old_path and paths != [old_path]:
+            keys = [{r: f"{p}.{r}" for r in ("weight", "bias") if s.params.get(r) is not None} for s, p in zip(new, paths)]
+            self.edits.append(Edit("replace", node.name, old_path, f"{node.kind} replaced by {len(new)} layer(s)",
+                                   details={"new": [(s.kind, dict(s.attrs), k) for s, k in zip(new, keys)],
+                                            "inputs": [list(s.inputs) for s in new]}))
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         src = next(n for n in self.gm.graph.nodes if n.name == value)
@@ -476,7 +507,7 @@ class FxFrontend:
         (edits replace tensors, never write into them); shapes carry over."""
         root = _shallow_tree(self.gm)
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
-        return FxFrontend(gm, self._inputs, self.original_training, propagate=False)
+        return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.gm.eval()
@@ -643,10 +674,11 @@ def _shallow_tree(module: nn.Module) -> nn.Module:
 
     Each module is a new object with a copy of the old one's ``__dict__`` (what
     ``copy.copy`` does for a module, without its ``__reduce_ex__`` round trip or a
-    ``GraphModule``'s recompiling ``__copy__``); the parameter, buffer and child
-    dictionaries are new, so replacing an entry never reaches the original."""
+    ``GraphModule``'s recompiling ``__copy__``); every dictionary in it (parameters,
+    buffers, children, hook tables) is a new one, so replacing an entry or registering a
+    hook on one tree never reaches the other."""
     new = object.__new__(type(module))
-    new.__dict__ = dict(module.__dict__)
+    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
@@ -710,6 +742,11 @@ def _binary_attrs(n: fx.Node) -> dict[str, Any]:
         scalar = float(s) if isinstance(s, (int, float, bool)) else "dynamic"
     alpha = n.kwargs.get("alpha")
     return {"tensor_positions": positions, "scalar": scalar, "alpha": alpha}
+
+
+def _literal_text(shape: list[Any]) -> list[Any]:
+    """Sizes of a reshape as the code spells them: ints, and names for computed ones."""
+    return [s if isinstance(s, int) else str(s) for s in shape]
 
 
 def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
