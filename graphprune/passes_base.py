@@ -154,7 +154,9 @@ class PassManager:
     check inputs: ``check_inputs`` (the user's own, see :func:`graphprune.probes.check_samples`)
     or ``probes`` default probes (random inputs, two unless told; see
     :func:`graphprune.verify.check_exact` for why one already proves exactness almost
-    surely and the second guards against an unlucky draw).  ``rtol`` None measures the tolerance per model from the
+    surely and the second guards against an unlucky draw), cropped to a smaller spatial
+    size where that still exercises every op (``small_probes``, see
+    :mod:`graphprune.probe_size`).  ``rtol`` None measures the tolerance per model from the
     reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
     is used as is.  ``lossless`` sets every pass that has the option to its lossless
     setting; ``data`` (calibration batches, see
@@ -164,7 +166,7 @@ class PassManager:
 
     def __init__(
         self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
-        check_inputs: CheckInputs | None = None, data: Any = None, probes: int = 2,
+        check_inputs: CheckInputs | None = None, data: Any = None, probes: int = 2, small_probes: bool = True,
     ) -> None:
         if probes < 1:
             raise PassOptionError(f"probes must be at least 1, got {probes}")
@@ -174,6 +176,7 @@ class PassManager:
         self.check_inputs = check_inputs
         self.data = data
         self.probes = probes
+        self.small_probes = small_probes
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         results, timings, checks = [], [], []
@@ -186,7 +189,8 @@ class PassManager:
             logger.info("%s: %s in %.2fs", p.spec(), "modified" if result.modified else "no change", timings[-1])
             check = None
             if self.verify and result.modified:
-                check = check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples)
+                check = check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples,
+                                    shrink=self.small_probes and self.check_inputs is None)
                 logger.info("%s: error %.2e, tolerance %s", p.spec(), check.error, check.tolerance_text())
                 if not check.passed:
                     raise VerificationError(refusal(check, p.spec()))
@@ -207,6 +211,7 @@ def _with_lossless(p: Pass) -> Pass:
 def run(
     graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
     lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, probes: int = 2,
+    small_probes: bool = True,
 ) -> PipelineResult:
     """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
 
@@ -214,7 +219,8 @@ def run(
     a mapping of input name to array, or an iterable of those, e.g. a ``DataLoader``).
     ``check_inputs`` are the inputs to verify on (an ``.npz`` path, a mapping name ->
     array with samples along a leading axis, or a list of samples; see
-    :mod:`graphprune.probes`), default ``probes`` random probes (2); ``rtol`` None measures the tolerance
+    :mod:`graphprune.probes`), default ``probes`` random probes (2), spatially cropped
+    where every op still sees a full window (``small_probes``); ``rtol`` None measures the tolerance
     from the model's own float noise, a number is used as is.
     """
     if isinstance(pipeline, str):
@@ -224,4 +230,4 @@ def run(
     else:
         passes = list(pipeline)
     return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data,
-                       probes=probes).run(graph)
+                       probes=probes, small_probes=small_probes).run(graph)

@@ -136,6 +136,7 @@ class ExportFrontend(FxFrontend):
     """Reads and edits an unlifted ``torch.export`` graph (aten ops over ``get_attr`` weights)."""
 
     name = "export"
+    shape_polymorphic = False  # sizes are literals resolved at the example input
 
     def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False,
                  propagate: bool = True, edits: list[Edit] | None = None) -> None:

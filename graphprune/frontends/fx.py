@@ -172,6 +172,8 @@ class FxFrontend:
     """Reads and edits a ``torch.fx.GraphModule``."""
 
     name = "fx"
+    shape_polymorphic = True
+    """The graph is the model's own code: sizes it reads from tensors follow the input."""
 
     def __init__(
         self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True,
