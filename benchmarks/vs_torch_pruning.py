@@ -135,21 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         model, x = build(name), example(name)
         base = macs_of(model, x)
         times: dict[str, list[float]] = {"verified": [], "unverified": [], "tp": []}
-        gp_macs = tp_macs = None
+        module = pruned = None
         err, frontend, tp_note = float("nan"), "", ""
         for _ in range(args.repeat):  # the tools alternate, so load changes hit both
             t, module, err, frontend = run_graphprune(model, x, args.ratio, args.capture, verify=True)
             times["verified"].append(t)
             times["unverified"].append(run_graphprune(model, x, args.ratio, args.capture, verify=False)[0])
-            gp_macs = macs_of(module, x)
             try:
                 t, pruned = run_torch_pruning(copy.deepcopy(model), x, args.ratio)
                 with torch.no_grad():
                     pruned(x)
                 times["tp"].append(t)
-                tp_macs = macs_of(pruned, x)
             except Exception as exc:  # record and go on: the table says what failed
-                tp_note = f"failed: {type(exc).__name__}: {str(exc)[:50]}"
+                tp_note, pruned = f"failed: {type(exc).__name__}: {str(exc)[:50]}", None
+        gp_macs = macs_of(module, x)
+        tp_macs = macs_of(pruned, x) if pruned is not None else None
         med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
         has_tp = bool(times["tp"])
         if has_tp:

@@ -3,6 +3,7 @@ conv, a wrong weight under any tap is still caught at the smaller size, and grap
 fix a size are checked at the captured size."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -112,3 +113,12 @@ def test_pipeline_verifies_on_small_probes_by_default() -> None:
         assert len(seen) == 2 and all(s[2:] == (24, 24) for s in seen), seen
     finally:
         graph.frontend.__class__.run = run
+
+
+def test_probe_count_is_an_option() -> None:
+    graph = _graph(Strided(), 24)
+
+    with pytest.raises(gp.PassOptionError, match="probes must be at least 1"):
+        gp.run(graph, "prune-channels{ratio=0.5}", probes=0)
+    result = gp.run(graph, "prune-channels{ratio=0.5}", probes=3)
+    assert result.checks[0] is not None and result.checks[0].samples == 3 and result.checks[0].passed
