@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-zoo bench mutate install clean
+.PHONY: demo test test-zoo test-notorch bench mutate install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ test: $(STAMP)
 
 test-zoo: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m zoo tests
+
+# The ONNX path in a real venv without torch: `pip install .` (not editable, no extras)
+# plus pytest, then the tests marked `notorch` (in the modules that import no torch).
+# Run from tests/, so graphprune comes from the installed package.  Not part of `make test`.
+NOTORCH_VENV  ?= /tmp/gp-notorch-test
+NOTORCH_TESTS := test_notorch.py test_blockperm.py test_layout.py
+test-notorch:
+	rm -rf $(NOTORCH_VENV)
+	$(PYTHON) -m venv $(NOTORCH_VENV)
+	$(NOTORCH_VENV)/bin/pip install --quiet . pytest
+	! $(NOTORCH_VENV)/bin/python -c "import torch" 2>/dev/null
+	cd tests && $(NOTORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider -m notorch --rootdir=.. -c ../pyproject.toml $(NOTORCH_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/vs_torch_pruning.py --repeat 3

@@ -83,7 +83,7 @@ def _plan(graph: Graph, model: nn.Module) -> _Plan:
     replaced = {e.module for e in edits if e.kind == "replace" and len(e.details["new"]) > 1}
     for node in graph.nodes:
         for key in node.params.values():
-            value = graph.param(key)
+            value = fe.get_tensor(key)
             own = _model_tensor(model, key)
             if own is not None:
                 if own is not value and (own.shape != value.shape or not torch.equal(own.detach(), value)):
@@ -156,7 +156,7 @@ def _replacement(graph: Graph, edit: Any, model: nn.Module) -> nn.Module:
             params = {role: graph.param(key) for role, key in keys.items()}
         except Exception:
             raise ApplyError(f"`{edit.module}`: a later pass removed its replacement layers") from None
-        mod, extra = build_module(NewNode(kind, [], attrs, params))
+        mod, extra = build_module(NewNode(kind, [], attrs, params), device=graph.frontend._device())
         if extra is not None:
             layers.append(_Pad(extra))
         layers.append(mod)
@@ -171,7 +171,7 @@ def _plan_gathers(plan: _Plan, graph: Graph, model: nn.Module) -> None:
         src = graph.producer(node.inputs[1]) if node.kind == "gather" and len(node.inputs) > 1 else None
         if src is None or src.kind != "constant" or not src.params.get("value", "").startswith("gp_gather_"):
             continue  # not a gather of graphprune's
-        index, axis = graph.param(src.params["value"]), int(node.attrs["axis"])
+        index, axis = graph.frontend.get_tensor(src.params["value"]), int(node.attrs["axis"])
         producer = graph.producer(node.inputs[0])
         path = _layer_path(producer)
         if len(graph.consumers(node.inputs[0])) == 1 and path is not None and _get(model, path) is not None:
@@ -272,8 +272,9 @@ class _Pad(nn.Module):
 # ------------------------------------------------------------------ checking
 def _check(model: nn.Module, graph: Graph, plan: _Plan, rtol: float, what: str) -> None:
     from .frontends.fx import _flatten_tensors
+    from .frontends.fx_build import to_tensor
 
-    inputs = graph.random_inputs(0)
+    inputs = [to_tensor(x, graph.frontend._device()) for x in graph.random_inputs(0)]
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Collection, Mapping
 
 import numpy as np
-import torch
 
 from .coupling import CouplingAnalysis, PruningGroup
 from .graph import Graph, Node, Port
@@ -113,8 +112,8 @@ def _slice_zero(graph: Graph, node: Node, role: str, axis: int) -> np.ndarray | 
     t = graph.node_param(node, role)
     if t is None:
         return None
-    moved = t.detach().movedim(axis, 0).reshape(t.shape[axis], -1)
-    return (moved == 0).all(1).numpy()
+    moved = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1)
+    return (moved == 0).all(1)
 
 
 def provably_zero_classes(graph: Graph, group: PruningGroup) -> np.ndarray:

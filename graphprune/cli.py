@@ -11,11 +11,12 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .cli_base import COMMANDS, EXIT_BAD_INPUT, EXIT_CHECK, EXIT_OK, Command, command, format_table  # noqa: F401  (re-exported)
-from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError
-from .graph import Graph, GraphError
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 def layer_table(before: Graph, after: Graph) -> str:
@@ -49,6 +50,12 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @command("demo", _demo_args)
 def demo(args: argparse.Namespace) -> int:
     """Prune the shipped sample model, verify it, export ONNX, print before/after."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("graphprune: error: demo traces a PyTorch sample model and needs PyTorch: pip install graphprune[torch]",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -113,8 +120,13 @@ def _load_commands() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, then run the subcommand.  Heavy modules (numpy-level core, onnxruntime,
+    torch) are imported inside the commands, so ``--help`` and argument errors stay fast."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError
+    from .graph import GraphError
+
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(message)s")
     try:
         return args.func(args)

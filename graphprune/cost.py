@@ -61,7 +61,7 @@ def node_macs(graph: Graph, node: Node, sizes: Mapping[Port, int] | None = None)
 
 
 def node_params(graph: Graph, node: Node) -> int:
-    return sum(int(graph.param(k).numel()) for k in node.params.values())
+    return sum(int(graph.param(k).size) for k in node.params.values())
 
 
 def graph_cost(graph: Graph, sizes: Mapping[Port, int] | None = None, with_params: bool = True) -> Cost:
@@ -75,7 +75,7 @@ def graph_cost(graph: Graph, sizes: Mapping[Port, int] | None = None, with_param
             for key in node.params.values():
                 if key not in seen:
                     seen.add(key)
-                    p += int(graph.param(key).numel())
+                    p += int(graph.param(key).size)
         per_node[node.label or node.name] = (m, p)
         macs += m
         params += p

@@ -9,9 +9,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Iterator, Sequence
-
-import torch
+from typing import Any, Iterator, Sequence
 
 from .graph import GraphError
 
@@ -43,8 +41,11 @@ def _umask() -> int:
     return mask
 
 
-def export_module_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: str, opset: int = 17) -> None:
-    """Export ``module`` with the TorchScript exporter (no external data), atomically."""
+def export_module_onnx(module: Any, inputs: Sequence[Any], path: str, opset: int = 17) -> None:
+    """Export the ``nn.Module`` ``module`` with the TorchScript exporter (no external
+    data), atomically.  Needs torch."""
+    import torch
+
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

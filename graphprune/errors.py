@@ -13,11 +13,16 @@ frontend, ``OnnxLoadError`` in the ONNX one).
 """
 from __future__ import annotations
 
-__all__ = ["BudgetError", "CheckInputError", "PassOptionError", "VerificationError"]
+__all__ = ["BudgetError", "CheckInputError", "NeedsTorchError", "PassOptionError", "VerificationError"]
 
 
 class PassOptionError(ValueError):
     """An unknown pass, an unknown option or an option value out of range."""
+
+
+class NeedsTorchError(PassOptionError):
+    """An option (a data-driven criterion) that needs PyTorch, which is not installed; the
+    message says how to install it (``pip install graphprune[torch]``)."""
 
 
 class BudgetError(ValueError):

@@ -47,7 +47,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
-import torch
+import numpy as np
+
+from .arrays import as_numpy
 
 from .profile import stage
 
@@ -107,17 +109,22 @@ class NewNode:
     kind: str
     inputs: list[str]
     attrs: dict[str, Any]
-    params: dict[str, torch.Tensor]
+    params: dict[str, np.ndarray]
 
 
 class Frontend(Protocol):
-    """What a frontend provides: read the view, read and edit weights and attrs, run."""
+    """What a frontend provides: read the view, read and edit weights and attrs, run.
+
+    Weights are numpy arrays both ways (``get_param`` may return a read-only or shared
+    view: callers never write into it); ``run`` takes and returns the frontend's own
+    array type (torch tensors for fx/export, numpy for ONNX) and accepts numpy inputs.
+    """
 
     def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]: ...
 
-    def get_param(self, key: str) -> torch.Tensor: ...
+    def get_param(self, key: str) -> np.ndarray: ...
 
-    def set_param(self, key: str, value: torch.Tensor) -> None: ...
+    def set_param(self, key: str, value: np.ndarray) -> None: ...
 
     def set_attr(self, node: Node, key: str, value: Any) -> None: ...
 
@@ -131,9 +138,9 @@ class Frontend(Protocol):
 
     def copy(self) -> "Frontend": ...
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+    def run(self, inputs: Sequence[Any]) -> list[Any]: ...
 
-    def example_inputs(self) -> list[torch.Tensor]: ...
+    def example_inputs(self) -> list[Any]: ...
 
     @property
     def name(self) -> str: ...
@@ -200,10 +207,12 @@ class Graph:
         info = self.values.get(value)
         return info.shape if info else None
 
-    def param(self, key: str) -> torch.Tensor:
+    def param(self, key: str) -> np.ndarray:
+        """Parameter ``key`` as a numpy array (possibly a view of the frontend's own
+        storage: never write into it; replace it with :meth:`set_param`)."""
         return self.frontend.get_param(key)
 
-    def node_param(self, node: Node, role: str) -> torch.Tensor | None:
+    def node_param(self, node: Node, role: str) -> np.ndarray | None:
         key = node.params.get(role)
         return None if key is None else self.frontend.get_param(key)
 
@@ -222,16 +231,16 @@ class Graph:
         return len(self.nodes)
 
     # ----------------------------------------------------------------- editing
-    def set_param(self, key: str, value: torch.Tensor) -> None:
-        """Replace parameter ``key`` by ``value`` (taken over, not copied).  Weights are
-        never written in place, which lets :meth:`copy` share unedited tensors."""
-        self.frontend.set_param(key, value)
+    def set_param(self, key: str, value: Any) -> None:
+        """Replace parameter ``key`` by ``value`` (a numpy array, or a torch tensor that
+        is converted; taken over, not copied).  Weights are never written in place,
+        which lets :meth:`copy` share unedited arrays."""
+        self.frontend.set_param(key, as_numpy(value))
 
     def slice_param(self, key: str, axis: int, keep: Sequence[int]) -> None:
         """Keep only indices ``keep`` (sorted) of parameter ``key`` along ``axis``."""
-        tensor = self.frontend.get_param(key)
-        index = torch.as_tensor(list(keep), dtype=torch.long)
-        self.frontend.set_param(key, tensor.index_select(axis, index))
+        array = self.frontend.get_param(key)
+        self.frontend.set_param(key, np.take(array, np.asarray(list(keep), dtype=np.int64), axis=axis))
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
         self.frontend.set_attr(node, key, value)
@@ -258,14 +267,18 @@ class Graph:
             return Graph(self.frontend.copy())
 
     # --------------------------------------------------------------- executing
-    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Run the graph on ``inputs`` (eval mode, no grad) and return its tensor outputs."""
+    def run(self, *inputs: Any) -> list[Any]:
+        """Run the graph on ``inputs`` (numpy arrays or torch tensors; eval mode, no
+        grad) and return its outputs: torch tensors from the PyTorch frontends, numpy
+        arrays from ONNX (:func:`graphprune.arrays.as_numpy` converts either)."""
         return self.frontend.run(list(inputs))
 
-    def example_inputs(self) -> list[torch.Tensor]:
+    def example_inputs(self) -> list[Any]:
+        """The inputs the graph was captured with (torch tensors for fx/export, seeded
+        numpy arrays for ONNX)."""
         return self.frontend.example_inputs()
 
-    def masked_runner(self, inputs: Sequence[torch.Tensor]) -> Any:
+    def masked_runner(self, inputs: Sequence[Any]) -> Any:
         """A callable ``runner(masks, k) -> outputs`` that runs ``k`` replicas of the batch
         ``inputs`` with each value named in ``masks`` multiplied by its mask (``k*B`` rows,
         broadcast) as it is computed; ``runner.outputs()`` are the unmasked outputs.
@@ -280,24 +293,30 @@ class Graph:
     def can_run_masked(self) -> bool:
         return hasattr(self.frontend, "masked_runner")
 
-    def gradients(self, inputs: Sequence[torch.Tensor], loss: Any, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Gradients of ``loss(outputs)`` w.r.t. parameters ``keys`` (eval mode).  Optional
-        frontend capability (fx has it; an ONNX graph cannot be differentiated)."""
+    def gradients(self, inputs: Sequence[Any], loss: Any, keys: Sequence[str]) -> dict[str, Any]:
+        """Gradients of ``loss(outputs)`` w.r.t. parameters ``keys`` (eval mode), as the
+        frontend's tensors (torch).  Optional frontend capability (fx has it; an ONNX
+        graph cannot be differentiated)."""
         fn = getattr(self.frontend, "gradients", None)
         if fn is None:
             raise GraphError(f"the {self.frontend.name} frontend cannot compute gradients (capture the PyTorch model instead)")
         return fn(list(inputs), loss, list(keys))
 
-    def random_inputs(self, seed: int = 0) -> list[torch.Tensor]:
+    def random_inputs(self, seed: int = 0) -> list[Any]:
         """The seeded default check inputs, shaped and typed like the example inputs:
         standard normal for data, zeros for recurrent state, ones for masks, suggested or
-        small non-negative values for integers (:func:`graphprune.probes.probe_inputs`)."""
+        small non-negative values for integers (:func:`graphprune.probes.probe_inputs`).
+        Numpy arrays, converted to the frontend's own tensors where it has a hook for it
+        (``inputs_from_arrays``: torch tensors on the model's device for fx/export)."""
         from .probes import probe_inputs
 
-        return probe_inputs(self, seed)
+        arrays = probe_inputs(self, seed)
+        convert = getattr(self.frontend, "inputs_from_arrays", None)
+        return arrays if convert is None else convert(arrays)
 
     # ------------------------------------------------------------------- emit
-    def to_module(self) -> torch.nn.Module:
+    def to_module(self) -> Any:
+        """The graph as an ``nn.Module`` (PyTorch frontends only)."""
         to_module = getattr(self.frontend, "to_module", None)
         if to_module is None:
             raise GraphError(f"the {self.frontend.name} frontend cannot emit an nn.Module")

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import torch
 
 from .coupling import PruningGroup
 from .graph import Graph
@@ -35,9 +34,10 @@ class Importance(Protocol):
     def __call__(self, graph: Graph, group: PruningGroup) -> np.ndarray: ...
 
 
-def _slice_norms(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
-    moved = t.detach().double().movedim(axis, 0).reshape(t.shape[axis], -1)
-    return moved.abs().sum(1).numpy() if p == 1 else moved.pow(2).sum(1).sqrt().numpy()
+def _slice_norms(t: np.ndarray, axis: int, p: int) -> np.ndarray:
+    """The L``p`` norm (p = 1 or 2, in float64) of every slice of ``t`` along ``axis``."""
+    moved = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1).astype(np.float64)
+    return np.abs(moved).sum(1) if p == 1 else np.sqrt(np.square(moved).sum(1))
 
 
 def _accumulate(graph: Graph, group: PruningGroup, roles: set[str], param_roles: set[str], p: int) -> np.ndarray:
@@ -77,16 +77,28 @@ def bn_scale(graph: Graph, group: PruningGroup) -> np.ndarray:
     return scores
 
 
-def _kl(data: Any) -> Importance:
-    from .training.criteria import kl_importance
+def _data_criteria() -> Any:
+    """:mod:`graphprune.training.criteria`, or a clear error when torch is missing."""
+    from .errors import NeedsTorchError
 
-    return kl_importance(data)
+    try:
+        from .training import criteria
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        raise NeedsTorchError(
+            "the data-driven criteria (kl, taylor) need PyTorch, which is not installed: pip install graphprune[torch] "
+            "(the magnitude criteria l1, l2 and bn_scale work without it)"
+        ) from exc
+    return criteria
+
+
+def _kl(data: Any) -> Importance:
+    return _data_criteria().kl_importance(data)
 
 
 def _taylor(data: Any) -> Importance:
-    from .training.criteria import taylor_importance
-
-    return taylor_importance(data)
+    return _data_criteria().taylor_importance(data)
 
 
 CRITERIA: dict[str, Callable[..., Importance]] = {

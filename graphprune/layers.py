@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Collection, Iterator
 
-import torch
+import numpy as np
 
 from .graph import Graph, Node
 
@@ -20,7 +20,7 @@ def candidate_layers(
     ignore: Collection[str],
     skipped: dict[str, str],
     transposed_reason: str,
-) -> Iterator[tuple[Node, torch.Tensor]]:
+) -> Iterator[tuple[Node, np.ndarray]]:
     """Yield ``(node, weight)`` for each node of ``kinds`` that may be rewritten alone;
     record in ``skipped`` why a transposed conv, an ignored layer, a layer whose weight
     is not a parameter or one whose weight is shared by several nodes is left alone."""

@@ -32,8 +32,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
+from .arrays import as_numpy, is_torch_tensor
 from .cli_base import EXIT_OK, command, format_table
 from .graph import Graph, GraphError, Node
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
@@ -193,7 +193,7 @@ class _Check:
     """Compare the written file with its reference on the check inputs (before it is
     renamed into place); raise :class:`VerificationError` on a mismatch."""
 
-    def __init__(self, args: argparse.Namespace, graph: Graph, result: PipelineResult, samples: list[list[torch.Tensor]]) -> None:
+    def __init__(self, args: argparse.Namespace, graph: Graph, result: PipelineResult, samples: list[list[np.ndarray]]) -> None:
         self.enabled = args.check > 0
         self.samples = samples
         self.given_rtol: float | None = args.rtol
@@ -216,7 +216,7 @@ class _Check:
             self.against = "input file"
             sess = _file_session(self.source)
             names = [i.name for i in sess.get_inputs()]
-            return lambda xs: [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})]
+            return lambda xs: sess.run(None, {n: as_numpy(x) for n, x in zip(names, xs)})
         last = [r for r in self.result.results if r.modified][-1]
         ref = last.reference()
         self.against = f"projected reference of {last.pass_name}"
@@ -237,7 +237,7 @@ class _Check:
         names = [i.name for i in sess.get_inputs()]
         worst = 0.0
         for xs in self.samples:
-            got = [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})]
+            got = sess.run(None, {n: as_numpy(x) for n, x in zip(names, xs)})
             worst = max(worst, relative_error(got, reference(xs)))
         self.outcome = _outcome(worst, self.given_rtol, self.noise_source, self.samples)
         if not self.outcome.passed:
@@ -251,7 +251,7 @@ class _Check:
         return {**numbers, "inputs": self.n, "input_source": self.inputs_from, "against": self.against}
 
 
-def _outcome(error: float, given_rtol: float | None, reference: Callable[[], Graph], samples: list[list[torch.Tensor]]) -> ExactnessCheck:
+def _outcome(error: float, given_rtol: float | None, reference: Callable[[], Graph], samples: list[list[np.ndarray]]) -> ExactnessCheck:
     """The file check's numbers: ``--rtol`` if given, else the tolerance measured from the
     noise of ``reference()`` (always measured here, so the report can show it)."""
     if given_rtol is not None:
@@ -326,8 +326,8 @@ def _jsonable(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, (np.floating,)):
         return float(obj)
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
+    if isinstance(obj, np.ndarray) or is_torch_tensor(obj):
+        return as_numpy(obj).tolist()
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return str(obj)

@@ -26,10 +26,11 @@ captured size.  User-given check inputs are never shrunk.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
+import numpy as np
 
+from .arrays import as_numpy
 from .graph import Graph
 
 __all__ = ["reduced_samples", "shrink_factor"]
@@ -56,9 +57,10 @@ def shrink_factor(graph: Graph, max_factor: int = 4) -> int:
     return best
 
 
-def reduced_samples(graph: Graph, samples: Sequence[Sequence[torch.Tensor]], max_factor: int = 4) -> list[list[torch.Tensor]] | None:
-    """``samples`` with image-like inputs cropped by :func:`shrink_factor`, or None when
-    the graph cannot run at another size or nothing would shrink."""
+def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: int = 4) -> list[list[np.ndarray]] | None:
+    """``samples`` (numpy arrays or tensors) as numpy arrays, image-like inputs cropped by
+    :func:`shrink_factor`; None when the graph cannot run at another size or nothing
+    would shrink."""
     if not getattr(graph.frontend, "shape_polymorphic", False):
         return None
     f = shrink_factor(graph, max_factor)
@@ -68,9 +70,10 @@ def reduced_samples(graph: Graph, samples: Sequence[Sequence[torch.Tensor]], max
     for xs in samples:
         row = []
         for x in xs:
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() in (4, 5):
+            x = as_numpy(x)
+            if np.issubdtype(x.dtype, np.floating) and x.ndim in (4, 5):
                 index = (slice(None), slice(None), *(slice(0, math.ceil(s / f)) for s in x.shape[2:]))
-                x = x[index].contiguous()
+                x = np.ascontiguousarray(x[index])
                 shrunk = True
             row.append(x)
         out.append(row)

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence, Union
 
 import numpy as np
-import torch
 
+from .arrays import as_numpy, is_torch_tensor
 from .errors import CheckInputError
 
 __all__ = [
@@ -71,7 +71,7 @@ class GraphLike(Protocol):
 
     def shape(self, value: str) -> tuple[int, ...] | None: ...
 
-    def example_inputs(self) -> list[torch.Tensor]: ...
+    def example_inputs(self) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ class InputSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: np.dtype
     role: str
-    hint: torch.Tensor | None = None
+    hint: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------ roles
@@ -108,10 +108,14 @@ def fed_back(graph: GraphLike, shape: tuple[int, ...]) -> bool:
     return any(graph.shape(out) == tuple(shape) for out in graph.outputs)
 
 
-def input_role(name: str, example: torch.Tensor, graph: GraphLike) -> str:
+def _floating(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.floating))
+
+
+def input_role(name: str, example: np.ndarray, graph: GraphLike) -> str:
     """``integer``, ``mask``, ``state`` or ``data`` for one input (before the rule that
     keeps a model with only state-like floating inputs random)."""
-    if not example.is_floating_point():
+    if not _floating(example.dtype):
         return "mask" if named_like_mask(name) else "integer"
     if named_like_mask(name):
         return "mask"
@@ -124,10 +128,10 @@ def input_role(name: str, example: torch.Tensor, graph: GraphLike) -> str:
 
 def input_specs(graph: GraphLike) -> list[InputSpec]:
     """Name, shape, dtype, role and hint of every model input, in input order."""
-    examples = graph.example_inputs()
+    examples = [as_numpy(x) for x in graph.example_inputs()]
     names = list(graph.inputs) if len(graph.inputs) == len(examples) else [f"input{i}" for i in range(len(examples))]
     roles = [input_role(n, ex, graph) for n, ex in zip(names, examples)]
-    floating = [i for i, ex in enumerate(examples) if ex.is_floating_point() and roles[i] != "mask"]
+    floating = [i for i, ex in enumerate(examples) if _floating(ex.dtype) and roles[i] != "mask"]
     named_data = [i for i in floating if roles[i] == "data"]
     for i in floating:
         if roles[i] == "fed-back":  # fed back, not named: state only if a real data input remains
@@ -142,35 +146,37 @@ def input_specs(graph: GraphLike) -> list[InputSpec]:
     ]
 
 
-def suggested_values(graph: GraphLike, names: Sequence[str], examples: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def suggested_values(graph: GraphLike, names: Sequence[str], examples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Values the model suggests for its integer inputs: the frontend's ``input_hints()``
     when it has one (ONNX: compared-with constants), else the example inputs themselves
     (fx and export capture the user's own example)."""
     hook = getattr(graph.frontend, "input_hints", None)
     if hook is not None:
-        return {k: torch.as_tensor(v) for k, v in hook().items()}
-    return {n: ex for n, ex in zip(names, examples) if not ex.is_floating_point()}
+        return {k: np.asarray(v) for k, v in hook().items()}
+    return {n: ex for n, ex in zip(names, examples) if not _floating(ex.dtype)}
 
 
 # ---------------------------------------------------------------- probes
-def probe_tensor(spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
+def probe_tensor(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
     """One probe for one input, by its role (see the module docstring)."""
     if spec.role == "state":
-        return torch.zeros(spec.shape, dtype=spec.dtype)
+        return np.zeros(spec.shape, dtype=spec.dtype)
     if spec.role == "mask":
-        return torch.ones(spec.shape, dtype=spec.dtype)
+        return np.ones(spec.shape, dtype=spec.dtype)
     if spec.role == "integer":
         if spec.hint is not None:
-            return spec.hint.to(spec.dtype).expand(spec.shape).clone()
-        high = 2 if spec.dtype == torch.bool else INTEGER_RANGE
-        return torch.randint(0, high, spec.shape, generator=gen).to(spec.dtype)
-    return torch.randn(spec.shape, generator=gen, dtype=spec.dtype)
+            return np.broadcast_to(np.asarray(spec.hint).astype(spec.dtype), spec.shape).copy()
+        high = 2 if spec.dtype == np.bool_ else INTEGER_RANGE
+        return rng.integers(0, high, spec.shape).astype(spec.dtype)
+    if spec.dtype == np.float64:
+        return rng.standard_normal(spec.shape)
+    return rng.standard_normal(spec.shape, dtype=np.float32).astype(spec.dtype)
 
 
-def probe_inputs(graph: GraphLike, seed: int = 0) -> list[torch.Tensor]:
-    """The default check inputs for ``graph``, seeded (see the module docstring)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [probe_tensor(spec, gen) for spec in input_specs(graph)]
+def probe_inputs(graph: GraphLike, seed: int = 0) -> list[np.ndarray]:
+    """The default check inputs for ``graph`` (numpy arrays), seeded (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    return [probe_tensor(spec, rng) for spec in input_specs(graph)]
 
 
 # ------------------------------------------------------------ user inputs
@@ -199,34 +205,28 @@ def parse_input_values(specs: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def scalar_value(spec: InputSpec, raw: Any, source: str) -> torch.Tensor:
-    """A number (or its text) as a tensor filling ``spec``'s shape, in its dtype."""
+def scalar_value(spec: InputSpec, raw: Any, source: str) -> np.ndarray:
+    """A number (or its text) as an array filling ``spec``'s shape, in its dtype."""
     try:
         if isinstance(raw, str):
             text = raw.lower()
             value: Any = {"true": 1, "false": 0}.get(text, None)
             value = float(raw) if value is None else value
         else:
-            value = raw.item() if isinstance(raw, (np.generic, torch.Tensor)) else raw
+            value = raw.item() if isinstance(raw, np.generic) or is_torch_tensor(raw) else raw
             value = float(value)
     except (TypeError, ValueError):
         raise CheckInputError(f"{source}: input `{spec.name}` needs a number, got `{raw}`") from None
-    if not spec.dtype.is_floating_point and value != int(value):
+    if not _floating(spec.dtype) and value != int(value):
         raise CheckInputError(f"{source}: input `{spec.name}` is {_dtype_name(spec.dtype)}, so its value must be whole, got `{raw}`")
-    return torch.full(spec.shape, int(value) if not spec.dtype.is_floating_point else value, dtype=spec.dtype)
+    return np.full(spec.shape, int(value) if not _floating(spec.dtype) else value, dtype=spec.dtype)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+def _dtype_name(dtype: np.dtype) -> str:
+    return np.dtype(dtype).name
 
 
-def _as_tensor(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    return torch.from_numpy(np.array(value))
-
-
-def _check_dtype(spec: InputSpec, t: torch.Tensor, source: str) -> None:
+def _check_dtype(spec: InputSpec, t: np.ndarray, source: str) -> None:
     if t.dtype != spec.dtype:
         raise CheckInputError(
             f"{source}: input `{spec.name}` is {_dtype_name(spec.dtype)}, the given array is {_dtype_name(t.dtype)} "
@@ -234,16 +234,16 @@ def _check_dtype(spec: InputSpec, t: torch.Tensor, source: str) -> None:
         )
 
 
-def samples_of(spec: InputSpec, value: Any, source: str) -> list[torch.Tensor]:
+def samples_of(spec: InputSpec, value: Any, source: str) -> list[np.ndarray]:
     """One input's samples from one array: its shape is one sample, a leading axis more is several."""
     if isinstance(value, (bool, int, float, str)):
         return [scalar_value(spec, value, source)]
-    t = _as_tensor(value)
+    t = as_numpy(value)
     _check_dtype(spec, t, source)
     if tuple(t.shape) == spec.shape:
         return [t]
-    if t.dim() == len(spec.shape) + 1 and tuple(t.shape[1:]) == spec.shape and t.shape[0] > 0:
-        return list(t.unbind(0))
+    if t.ndim == len(spec.shape) + 1 and tuple(t.shape[1:]) == spec.shape and t.shape[0] > 0:
+        return list(t)
     raise CheckInputError(
         f"{source}: input `{spec.name}` has shape {spec.shape}; the given array has shape {tuple(t.shape)} "
         f"(expected {spec.shape} for one sample or (S, {', '.join(map(str, spec.shape))}) for S samples"
@@ -276,14 +276,14 @@ def _group_keys(specs: Sequence[InputSpec], data: Mapping[str, Any], source: str
 
 def samples_from_mapping(
     specs: Sequence[InputSpec], data: Mapping[str, Any], values: Mapping[str, Any], source: str
-) -> list[list[torch.Tensor]]:
+) -> list[list[np.ndarray]]:
     """Samples (each a list in input order) from arrays named by input, plus fixed values."""
     names = [s.name for s in specs]
     for name in values:
         if name not in names:
             raise CheckInputError(f"--input-value names `{name}`, which is not an input of the model (inputs: {', '.join(names)})")
     grouped = _group_keys(specs, data, source)
-    per_input: list[list[torch.Tensor]] = []
+    per_input: list[list[np.ndarray]] = []
     for spec in specs:
         if spec.name in values:
             per_input.append([scalar_value(spec, values[spec.name], "--input-value")])
@@ -303,7 +303,7 @@ def samples_from_mapping(
 
 
 def _is_single_sample(data: Sequence[Any]) -> bool:
-    return bool(data) and isinstance(data[0], (torch.Tensor, np.ndarray))
+    return bool(data) and (isinstance(data[0], np.ndarray) or is_torch_tensor(data[0]))
 
 
 def check_samples(
@@ -313,8 +313,8 @@ def check_samples(
     values: Mapping[str, Any] | None = None,
     n: int = 2,
     source: str = "check_inputs",
-) -> list[list[torch.Tensor]]:
-    """The samples the checks run on, each a list of tensors in input order.
+) -> list[list[np.ndarray]]:
+    """The samples the checks run on, each a list of numpy arrays in input order.
 
     ``data`` None: ``n`` default probes (seeds 0..n-1) with ``values`` filled in.  Else
     the user's inputs (a path to an ``.npz``, a mapping or a list of samples: see the
@@ -339,7 +339,7 @@ def check_samples(
         raise CheckInputError(f"{source} is empty")
     if _is_single_sample(items):
         items = [items]
-    out: list[list[torch.Tensor]] = []
+    out: list[list[np.ndarray]] = []
     for k, sample in enumerate(items):
         where = f"{source}[{k}]"
         if isinstance(sample, Mapping):

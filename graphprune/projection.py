@@ -4,62 +4,46 @@ A pass's decision is a projection ``P`` of some parameters (zero a channel, a bl
 a truncated SVD).  The *projected reference* is the input graph with ``P`` applied to
 its weights; the rewritten graph must compute the same function.  The same projection,
 registered as a ``torch.nn.utils.parametrize`` parametrization on the original model,
-keeps it applied while the model fine-tunes.
+keeps it applied while the model fine-tunes (:mod:`graphprune.training.parametrize`;
+this module itself is numpy only).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-import torch
-import torch.nn as nn
-from torch.nn.utils import parametrize
+import numpy as np
 
+from .arrays import as_numpy, is_torch_tensor
 from .graph import Graph
 
-
-class _Masked(nn.Module):
-    """Parametrization ``W -> W * mask`` (mask kept as a buffer, not trained)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
-
-
-class _Mapped(nn.Module):
-    """Parametrization by an arbitrary projection function (e.g. a truncated SVD)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.fn(w)
+ProjectionFn = Callable[[Any], Any]
+"""A projection of one weight: numpy array -> numpy array (and, for ``projected_model``,
+torch tensor -> torch tensor, differentiably)."""
 
 
 @dataclass
 class Projection:
-    """Per-parameter projections: multiplicative masks and/or functions.
+    """Per-parameter projections: multiplicative masks (numpy) and/or functions.
 
     Zeroed slices are recorded cheaply and turned into masks only when ``masks`` is read.
     """
 
-    _masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    _masks: dict[str, np.ndarray] = field(default_factory=dict)
+    functions: dict[str, ProjectionFn] = field(default_factory=dict)
     _zeros: dict[str, tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = field(default_factory=dict)
 
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
+    def masks(self) -> dict[str, np.ndarray]:
         for key, (shape, slices) in self._zeros.items():
             mask = self._masks.get(key)
             if mask is None:
-                mask = self._masks[key] = torch.ones(shape)
+                mask = self._masks[key] = np.ones(shape, dtype=np.float32)
             for axis, index in slices:
-                mask.index_fill_(axis, torch.as_tensor(index, dtype=torch.long), 0.0)
+                where: list[Any] = [slice(None)] * mask.ndim
+                where[axis] = np.asarray(index, dtype=np.int64)
+                mask[tuple(where)] = 0.0
         self._zeros.clear()
         return self._masks
 
@@ -67,18 +51,20 @@ class Projection:
         """Zero ``index`` along ``axis`` of parameter ``key`` (shape ``shape``)."""
         self._zeros.setdefault(key, (tuple(shape), []))[1].append((axis, list(index)))
 
-    def mask(self, key: str, mask: torch.Tensor) -> None:
-        """Multiply parameter ``key`` by ``mask``."""
+    def mask(self, key: str, mask: Any) -> None:
+        """Multiply parameter ``key`` by ``mask`` (an array or tensor)."""
+        mask = as_numpy(mask)
         masks = self.masks
         old = masks.get(key)
-        masks[key] = mask.clone() if old is None else old * mask
+        masks[key] = mask.copy() if old is None else old * mask
 
-    def project(self, key: str, value: torch.Tensor) -> torch.Tensor:
+    def project(self, key: str, value: np.ndarray) -> np.ndarray:
+        """``mask * f(value)`` for parameter ``key`` (numpy, in ``value``'s dtype)."""
         out = value
         if key in self.functions:
             out = self.functions[key](out)
         if key in self.masks:
-            out = out * self.masks[key].to(out.dtype)
+            out = out * self.masks[key].astype(out.dtype, copy=False)
         return out
 
     def keys(self) -> set[str]:
@@ -94,32 +80,29 @@ class Projection:
             ref.set_param(key, self.project(key, ref.param(key)))
         return ref
 
-    def projected_model(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` whose parameters stay projected while it trains.
+    def projected_model(self, model: Any) -> Any:
+        """A copy of the ``nn.Module`` ``model`` whose parameters stay projected while it
+        trains (``torch.nn.utils.parametrize``: masks as buffers, functions applied to the
+        tensor, differentiably).  Needs torch.
 
         Parameter keys are qualified names (the fx frontend's keys), so this applies to the
         model the graph was traced from.
         """
+        from .training.parametrize import register_projection
+
         out = copy.deepcopy(model)
         for key in sorted(self.keys()):
             path, _, attr = key.rpartition(".")
             owner = out.get_submodule(path) if path else out
-            if attr in owner._parameters and owner._parameters[attr] is not None:
-                if key in self.functions:
-                    parametrize.register_parametrization(owner, attr, _Mapped(self.functions[key]))
-                if key in self.masks:
-                    parametrize.register_parametrization(owner, attr, _Masked(self.masks[key].clone()))
-            elif attr in owner._buffers and owner._buffers[attr] is not None:
-                owner._buffers[attr] = self.project(key, owner._buffers[attr])
+            mask = self.masks.get(key)
+            register_projection(owner, attr, self.functions.get(key), mask)
         return out
 
 
-def bake(model: nn.Module) -> nn.Module:
+def bake(model: Any) -> Any:
     """Make every projection parametrization permanent (in place) and return ``model``:
     after fine-tuning a projected copy, this gives plain weights with the projected
-    structure exactly zero, ready for a lossless pass."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return model
+    structure exactly zero, ready for a lossless pass.  Needs torch."""
+    from .training.parametrize import bake as _bake
+
+    return _bake(model)

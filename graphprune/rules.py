@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-import torch
 
 from .graph import Graph, Node, Port
 
@@ -222,7 +221,7 @@ def unary_rule(graph: Graph, node: Node, port: Port) -> Coupling:
     slices: list[tuple[str, int]] = []
     if "weight" in node.params and port.axis == 1:
         w = graph.node_param(node, "weight")
-        if w is not None and w.numel() > 1:
+        if w is not None and w.size > 1:
             slices = [("weight", 0)]
     return Coupling(links=links, slices=slices)
 
@@ -504,7 +503,7 @@ def _gather_index(graph: Graph, node: Node) -> np.ndarray | None:
     src = graph.producer(node.inputs[1]) if len(node.inputs) > 1 else None
     if src is None or src.kind != "constant":
         return None
-    return graph.node_param(src, "value").reshape(-1).long().numpy()  # type: ignore[union-attr]
+    return graph.node_param(src, "value").reshape(-1).astype(np.int64)  # type: ignore[union-attr]
 
 
 @rule("mha")
@@ -588,7 +587,7 @@ def gather_resize(graph: Graph, node: Node, kept: dict[Port, np.ndarray]) -> Non
     position[kept_in] = np.arange(len(kept_in))
     new = position[index[kept_out]]
     old = graph.node_param(src, "value")
-    graph.set_param(src.params["value"], torch.as_tensor(new, dtype=old.dtype))  # type: ignore[union-attr]
+    graph.set_param(src.params["value"], np.asarray(new, dtype=old.dtype))  # type: ignore[union-attr]
 
 
 @resize("reshape")

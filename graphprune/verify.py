@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
+import numpy as np
 
+from .arrays import as_numpy
 from .graph import Graph
 from .errors import VerificationError
 from .profile import stage
@@ -39,20 +40,22 @@ RTOL_FLOOR = 1e-5
 RTOL_CAP = 1e-4
 NOISE_FACTOR = 4.0
 
-Samples = Sequence[Sequence[torch.Tensor]]
+Samples = Sequence[Sequence[Any]]
 
 
-def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """Largest scale-relative difference over paired outputs."""
+def relative_error(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Largest scale-relative difference over paired outputs (numpy arrays or torch
+    tensors), computed in float64."""
     if len(a) != len(b):
         raise VerificationError(f"output count differs: {len(a)} vs {len(b)}")
     worst = 0.0
     for x, y in zip(a, b):
+        x, y = as_numpy(x), as_numpy(y)
         if x.shape != y.shape:
             raise VerificationError(f"output shape differs: {tuple(x.shape)} vs {tuple(y.shape)}")
-        x, y = x.double(), y.double()
-        scale = max(float(y.abs().max()) if y.numel() else 0.0, 1e-12)
-        diff = float((x - y).abs().max()) if x.numel() else 0.0
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        scale = max(float(np.abs(y).max()) if y.size else 0.0, 1e-12)
+        diff = float(np.abs(x - y).max()) if x.size else 0.0
         worst = max(worst, diff / scale)
     return worst
 
@@ -83,7 +86,7 @@ def reference_noise(reference: Graph, samples: Samples) -> float | None:
     return worst
 
 
-def _samples(reference: Graph, n: int, seed: int, inputs: Samples | None) -> list[list[torch.Tensor]]:
+def _samples(reference: Graph, n: int, seed: int, inputs: Samples | None) -> list[list[Any]]:
     if inputs is not None:
         return [list(xs) for xs in inputs]
     return [reference.random_inputs(seed + i) for i in range(n)]
@@ -91,7 +94,7 @@ def _samples(reference: Graph, n: int, seed: int, inputs: Samples | None) -> lis
 
 def compare(graph: Graph, reference: Graph, n: int = 2, seed: int = 0, inputs: Samples | None = None) -> float:
     """The worst relative error of ``graph`` against ``reference`` on ``inputs`` (a list of
-    samples, each a list of tensors in input order), or on ``n`` default probes."""
+    samples, each a list of arrays or tensors in input order), or on ``n`` default probes."""
     worst = 0.0
     for xs in _samples(reference, n, seed, inputs):
         worst = max(worst, relative_error(graph.run(*xs), reference.run(*xs)))
@@ -154,7 +157,7 @@ def check_exact(
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 
-def _compare_small(graph: Graph, reference: Graph, samples: list[list[torch.Tensor]]) -> float | None:
+def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | None:
     """The error on the cropped samples, or None when there are none or a graph cannot
     run at that size (then the caller checks at the captured size)."""
     from .probe_size import reduced_samples

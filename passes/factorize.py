@@ -57,8 +57,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
+import numpy as np
 
+from graphprune.arrays import is_torch_tensor
 from graphprune.cost import graph_cost
 from graphprune.layers import candidate_layers
 from graphprune.graph import Graph, NewNode, Node
@@ -69,7 +70,7 @@ __all__ = ["Factorize", "FactorizeResult", "TruncatedSVD"]
 
 logger = logging.getLogger(__name__)
 
-EPS32 = float(torch.finfo(torch.float32).eps)
+EPS32 = float(np.finfo(np.float32).eps)
 SCHEMES = ("channel", "spatial")
 
 
@@ -80,75 +81,169 @@ class FactorizeResult(PassResult):
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+# ------------------------------------------------------------------ array ops
+class _NumpyOps:
+    """The few array operations the SVD math needs, on numpy arrays.  The pass works in
+    numpy; :class:`_TorchOps` gives the same operations on torch tensors, so the
+    projection function stays differentiable inside ``projected_model`` while training."""
+
+    @staticmethod
+    def permute(w: Any, axes: tuple[int, ...]) -> Any:
+        return np.transpose(w, axes)
+
+    @staticmethod
+    def f64(m: Any) -> Any:
+        return np.asarray(m, dtype=np.float64)
+
+    @staticmethod
+    def eigh(m: Any) -> tuple[Any, Any]:
+        return np.linalg.eigh(m)
+
+    @staticmethod
+    def eigvalsh(m: Any) -> Any:
+        return np.linalg.eigvalsh(m)
+
+    @staticmethod
+    def flip(x: Any, axis: int) -> Any:
+        return np.flip(x, axis)
+
+    @staticmethod
+    def sqrt0(x: Any) -> Any:
+        """``sqrt(max(x, 0))``."""
+        return np.sqrt(np.maximum(x, 0.0))
+
+    @staticmethod
+    def root_or_one(s: Any) -> Any:
+        """``sqrt(s)`` where ``s > 0``, else 1."""
+        return np.where(s > 0, np.sqrt(np.maximum(s, 0.0)), 1.0)
+
+    @staticmethod
+    def like(x: Any, w: Any) -> Any:
+        """``x`` in ``w``'s dtype, contiguous."""
+        return np.ascontiguousarray(x.astype(w.dtype, copy=False))
+
+
+class _TorchOps:
+    """:class:`_NumpyOps` on torch tensors (imported only when a tensor is projected)."""
+
+    @staticmethod
+    def permute(w: Any, axes: tuple[int, ...]) -> Any:
+        return w.permute(*axes)
+
+    @staticmethod
+    def f64(m: Any) -> Any:
+        return m.double()
+
+    @staticmethod
+    def eigh(m: Any) -> tuple[Any, Any]:
+        import torch
+
+        return torch.linalg.eigh(m)
+
+    @staticmethod
+    def eigvalsh(m: Any) -> Any:
+        import torch
+
+        return torch.linalg.eigvalsh(m)
+
+    @staticmethod
+    def flip(x: Any, axis: int) -> Any:
+        return x.flip(axis)
+
+    @staticmethod
+    def sqrt0(x: Any) -> Any:
+        return x.clamp_min(0).sqrt()
+
+    @staticmethod
+    def root_or_one(s: Any) -> Any:
+        import torch
+
+        return torch.where(s > 0, s.clamp_min(0).sqrt(), torch.ones_like(s))
+
+    @staticmethod
+    def like(x: Any, w: Any) -> Any:
+        return x.to(w.dtype).contiguous()
+
+
+def _ops(x: Any) -> Any:
+    return _TorchOps if is_torch_tensor(x) else _NumpyOps
+
+
 # ------------------------------------------------------------- weight layouts
-def to_matrix(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """The matrix a layout factorizes (see module doc)."""
+def to_matrix(w: Any, layout: str) -> Any:
+    """The matrix a layout factorizes (see module doc); numpy arrays or torch tensors."""
     if layout == "channel":
         return w.reshape(w.shape[0], -1)
     if layout == "spatial":
         f, c, kh, kw = w.shape
-        return w.permute(1, 2, 3, 0).reshape(c * kh, kw * f)
+        return _ops(w).permute(w, (1, 2, 3, 0)).reshape(c * kh, kw * f)
     if layout == "linear":
         return w
     if layout == "linear_t":
-        return w.t()
+        return w.T
     raise ValueError(f"unknown layout `{layout}`")
 
 
-def from_matrix(m: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+def from_matrix(m: Any, layout: str, shape: tuple[int, ...]) -> Any:
     """Inverse of :func:`to_matrix`."""
     if layout == "channel":
         return m.reshape(shape)
     if layout == "spatial":
         f, c, kh, kw = shape
-        return m.reshape(c, kh, kw, f).permute(3, 0, 1, 2)
+        return _ops(m).permute(m.reshape(c, kh, kw, f), (3, 0, 1, 2))
     if layout == "linear":
         return m
     if layout == "linear_t":
-        return m.t()
+        return m.T
     raise ValueError(f"unknown layout `{layout}`")
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run LAPACK eigensolvers on one thread.  The Gram matrices here are at most a few
-    thousand wide, where threads gain little, and a threaded solver slows down by orders
-    of magnitude when the cores are oversubscribed (parallel test workers, other jobs)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run LAPACK eigensolvers on one thread (when threadpoolctl is installed).  The Gram
+    matrices here are at most a few thousand wide, where threads gain little, and a
+    threaded solver slows down by orders of magnitude when the cores are oversubscribed
+    (parallel test workers, other jobs)."""
     try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
         yield
-    finally:
-        torch.set_num_threads(old)
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
-def singular_values(m: torch.Tensor) -> torch.Tensor:
-    """Singular values of ``m`` (descending, float64), as square roots of the eigenvalues
-    of the smaller Gram matrix (``m m^T`` or ``m^T m``).  Float64 Gram matrices resolve
-    singular values down to about ``1e-8 * s_1``, far below any tolerance used here."""
-    m = m.double()
+def singular_values(m: Any) -> Any:
+    """Singular values of ``m`` (descending, float64; numpy in, numpy out, or torch in,
+    torch out), as square roots of the eigenvalues of the smaller Gram matrix (``m m^T``
+    or ``m^T m``).  Float64 Gram matrices resolve singular values down to about
+    ``1e-8 * s_1``, far below any tolerance used here."""
+    ops = _ops(m)
+    m = ops.f64(m)
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     with _one_thread():
-        lam = torch.linalg.eigvalsh(gram)
-    return lam.flip(0).clamp_min(0).sqrt()
+        lam = ops.eigvalsh(gram)
+    return ops.sqrt0(ops.flip(lam, 0))
 
 
-def truncated_factors(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_factors(m: Any, r: int) -> tuple[Any, Any]:
     """``(A, B)`` with ``A @ B = M_r``, the best rank-``r`` approximation of ``m``.
 
     With ``U_r`` the top-``r`` eigenvectors of ``m m^T`` (left singular vectors),
     ``M_r = U_r U_r^T m``; balanced as ``A = U_r sqrt(s_r)``, ``B = U_r^T m / sqrt(s_r)``
-    (``B = sqrt(s_r) V_r^T``).  When ``m`` is tall the same is done on ``m^T``.  Float64.
+    (``B = sqrt(s_r) V_r^T``).  When ``m`` is tall the same is done on ``m^T``.  Float64;
+    numpy arrays, or torch tensors (differentiable) for a projection while training.
     """
-    m = m.double()
+    ops = _ops(m)
+    m = ops.f64(m)
     tall = m.shape[0] > m.shape[1]
     if tall:
         m = m.T
     with _one_thread():
-        lam, u = torch.linalg.eigh(m @ m.T)
-    u = u.flip(1)[:, :r]
-    s = lam.flip(0)[:r].clamp_min(0).sqrt()
-    root = torch.where(s > 0, s.sqrt(), torch.ones_like(s))
+        lam, u = ops.eigh(m @ m.T)
+    u = ops.flip(u, 1)[:, :r]
+    s = ops.sqrt0(ops.flip(lam, 0)[:r])
+    root = ops.root_or_one(s)
     a, b = u * root, (u.T @ m) / root[:, None]
     return (b.T, a.T) if tall else (a, b)
 
@@ -156,27 +251,29 @@ def truncated_factors(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
 @dataclass(frozen=True)
 class TruncatedSVD:
     """Projection function ``W -> from_matrix(M_r)``: the best rank-``rank`` approximation
-    of the weight's matrix in its layout (computed in float64, returned in W's dtype)."""
+    of the weight's matrix in its layout (computed in float64, returned in W's dtype).
+    Takes numpy arrays (the graph's weights) or torch tensors (``projected_model``,
+    differentiable)."""
 
     rank: int
     layout: str
-    known: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    known: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        if self.known is not None and not w.requires_grad and _same(w, self.known[0]):
-            return self.known[1].clone()  # the weight the pass decided on: result cached
+    def __call__(self, w: Any) -> Any:
+        if self.known is not None and isinstance(w, np.ndarray) and _same(w, self.known[0]):
+            return self.known[1].copy()  # the weight the pass decided on: result cached
         a, b = truncated_factors(to_matrix(w, self.layout), self.rank)
-        return from_matrix(a @ b, self.layout, w.shape).to(w.dtype).contiguous()
+        return _ops(w).like(from_matrix(a @ b, self.layout, tuple(w.shape)), w)
 
     @classmethod
-    def from_factors(cls, w: torch.Tensor, layout: str, a: torch.Tensor, b: torch.Tensor) -> "TruncatedSVD":
+    def from_factors(cls, w: np.ndarray, layout: str, a: np.ndarray, b: np.ndarray) -> "TruncatedSVD":
         """The projection of rank ``a.shape[1]``, remembering its value ``a @ b`` on ``w``."""
-        value = from_matrix(a @ b, layout, w.shape).to(w.dtype).contiguous()
-        return cls(int(a.shape[1]), layout, (w.detach().clone(), value))
+        value = _NumpyOps.like(from_matrix(a @ b, layout, tuple(w.shape)), w)
+        return cls(int(a.shape[1]), layout, (w.copy(), value))
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
 
 
 # ------------------------------------------------------------------ candidates
@@ -189,15 +286,15 @@ class _Layer:
 
     node: Node
     layout: str
-    weight: torch.Tensor
-    s: torch.Tensor  # singular values, descending (float64)
+    weight: np.ndarray
+    s: np.ndarray  # singular values, descending (float64)
     orig: int
     per_rank: int
     rank: int | None = None  # chosen rank; None = keep the layer
 
     @property
     def full_rank(self) -> int:
-        return int(self.s.numel())
+        return int(self.s.size)
 
     @property
     def max_rank(self) -> int:
@@ -211,12 +308,12 @@ class _Layer:
 
     def share_lost(self, r: int) -> float:
         """Energy share of the dropped singular values ``s_r, s_{r+1}, ...``."""
-        e = self.s.pow(2)
+        e = np.square(self.s)
         total = float(e.sum())
         return float(e[r:].sum()) / total if total > 0 else 0.0
 
 
-def _conv_macs_model(graph: Graph, node: Node, w: torch.Tensor, layout: str) -> tuple[int, int]:
+def _conv_macs_model(graph: Graph, node: Node, w: np.ndarray, layout: str) -> tuple[int, int]:
     """(original MACs, MACs per unit of rank) of a conv in ``layout``."""
     x, y = graph.shape(node.inputs[0]), graph.shape(node.outputs[0])
     assert x is not None and y is not None
@@ -306,10 +403,10 @@ class Factorize(Pass):
                 layers.append(layer_or_reason)
         return layers, skipped
 
-    def _layer(self, graph: Graph, node: Node, w: torch.Tensor) -> _Layer | str:
+    def _layer(self, graph: Graph, node: Node, w: np.ndarray) -> _Layer | str:
         if node.kind == "linear":
             axes = tuple(node.attrs.get("weight_axes", (0, 1)))
-            if w.dim() != 2 or axes not in ((0, 1), (1, 0)):
+            if w.ndim != 2 or axes not in ((0, 1), (1, 0)):
                 return f"linear weight of shape {tuple(w.shape)} with weight_axes {axes}"
             layout = "linear" if axes == (0, 1) else "linear_t"
             out_f, in_f = to_matrix(w, layout).shape
@@ -317,8 +414,8 @@ class Factorize(Pass):
         else:
             if int(node.attrs.get("groups", 1)) != 1:
                 return "grouped conv: not factorized"
-            if self.scheme == "spatial" and w.dim() != 4:
-                return f"the spatial scheme needs a 2-d conv, this one is {w.dim() - 2}-d"
+            if self.scheme == "spatial" and w.ndim != 4:
+                return f"the spatial scheme needs a 2-d conv, this one is {w.ndim - 2}-d"
             layout = self.scheme
             orig, per_rank = _conv_macs_model(graph, node, w, layout)
         s = singular_values(to_matrix(w, layout))
@@ -332,15 +429,15 @@ class Factorize(Pass):
         s = layer.s
         if self.is_lossless:
             rows, cols = to_matrix(layer.weight, layer.layout).shape
-            tol = max(rows, cols) * EPS32 * float(s[0]) if s.numel() else 0.0
+            tol = max(rows, cols) * EPS32 * float(s[0]) if s.size else 0.0
             return int((s > tol).sum())
         if self.rank is not None:
             return min(self.rank, layer.full_rank)
-        e = s.pow(2)
+        e = np.square(s)
         total = float(e.sum())
         if total == 0.0:
             return 0
-        cum = torch.cumsum(e, 0)
+        cum = np.cumsum(e)
         return int((cum < self.energy * total * (1 - 1e-12)).sum()) + 1  # type: ignore[operator]
 
     def _decide_layer(self, layer: _Layer, skipped: dict[str, str]) -> None:
@@ -394,7 +491,7 @@ def _label(node: Node) -> str:
     return node.label or node.name
 
 
-def _rewrite(work: Graph, node: Node, layer: _Layer, a: torch.Tensor, b: torch.Tensor) -> None:
+def _rewrite(work: Graph, node: Node, layer: _Layer, a: np.ndarray, b: np.ndarray) -> None:
     """Replace ``node`` by the two layers of the factors ``A`` (rows x r), ``B`` (r x cols)."""
     w = layer.weight
     r = int(a.shape[1])
@@ -402,13 +499,13 @@ def _rewrite(work: Graph, node: Node, layer: _Layer, a: torch.Tensor, b: torch.T
     x = node.inputs[0]
     dtype = w.dtype
     if layer.layout in ("linear", "linear_t"):
-        first = NewNode("linear", [x], {}, {"weight": b.to(dtype)})
-        second_params = {"weight": a.to(dtype)}
+        first = NewNode("linear", [x], {}, {"weight": np.ascontiguousarray(b.astype(dtype))})
+        second_params = {"weight": np.ascontiguousarray(a.astype(dtype))}
         if bias is not None:
-            second_params["bias"] = bias.clone()
+            second_params["bias"] = bias.copy()
         work.replace_node(node, [first, NewNode("linear", ["%0"], {}, second_params)])
         return
-    nd = w.dim() - 2
+    nd = w.ndim - 2
     stride = tuple(int(v) for v in node.attrs.get("stride", (1,) * nd))
     dilation = tuple(int(v) for v in node.attrs.get("dilation", (1,) * nd))
     pads = tuple(int(v) for v in node.attrs.get("pads", (0,) * 2 * nd))
@@ -420,17 +517,17 @@ def _rewrite(work: Graph, node: Node, layer: _Layer, a: torch.Tensor, b: torch.T
         attrs2 = {"stride": (1,) * nd, "dilation": (1,) * nd, "groups": 1, "pads": (0,) * 2 * nd}
     else:
         kh, kw = int(w.shape[2]), int(w.shape[3])
-        w1 = a.t().reshape(r, c, kh, 1)
-        w2 = b.reshape(r, kw, f).permute(2, 0, 1).unsqueeze(2)
+        w1 = a.T.reshape(r, c, kh, 1)
+        w2 = np.transpose(b.reshape(r, kw, f), (2, 0, 1))[:, :, None]
         (sh, sw), (dh, dw) = stride, dilation
         ph0, pw0, ph1, pw1 = pads
         attrs1 = {"stride": (sh, 1), "dilation": (dh, 1), "groups": 1, "pads": (ph0, 0, ph1, 0)}
         attrs2 = {"stride": (1, sw), "dilation": (1, dw), "groups": 1, "pads": (0, pw0, 0, pw1)}
-    params2: dict[str, torch.Tensor] = {"weight": w2.to(dtype).contiguous()}
+    params2: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(w2.astype(dtype))}
     if bias is not None:
-        params2["bias"] = bias.clone()
+        params2["bias"] = bias.copy()
     work.replace_node(node, [
-        NewNode("conv", [x], attrs1, {"weight": w1.to(dtype).contiguous()}),
+        NewNode("conv", [x], attrs1, {"weight": np.ascontiguousarray(w1.astype(dtype))}),
         NewNode("conv", ["%0"], attrs2, params2),
     ])
 

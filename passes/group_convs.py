@@ -67,12 +67,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from graphprune import blockperm
+from graphprune.arrays import as_numpy
 from graphprune.blockperm import BlockSolution
 from graphprune.channels import reindex_params
 from graphprune.cost import node_macs
@@ -82,6 +82,9 @@ from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, 
 from graphprune.projection import Projection
 
 __all__ = ["GroupConvs", "accumulate_gradients", "search_groups", "taylor_pair_scores"]
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +151,13 @@ def _why_not_eligible(graph: Graph, node: Node, ignore: set[str], shared: set[st
         return "its output is a model output"
     if graph.shape(node.inputs[0]) is None or graph.shape(node.outputs[0]) is None:
         return "unknown shapes"
-    if graph.param(key).dim() < 3:
+    if graph.param(key).ndim < 3:
         return "weight has no kernel axes"
     return None
 
 
 def _conv_params(graph: Graph, node: Node) -> int:
-    return sum(int(graph.param(k).numel()) for r, k in node.params.items() if r in ("weight", "bias"))
+    return sum(int(graph.param(k).size) for r, k in node.params.items() if r in ("weight", "bias"))
 
 
 # ====================================================================== pass
@@ -176,7 +179,7 @@ class GroupConvs(Pass):
     lossless: bool = False
     fold: bool = True
     ignore: tuple[str, ...] = ()
-    gradients: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    gradients: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     scores: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def spec(self) -> str:
@@ -266,19 +269,19 @@ class GroupConvs(Pass):
 
     def _layer(self, graph: Graph, node: Node) -> _Layer:
         key = node.params["weight"]
-        w = graph.param(key).detach().double().numpy()
+        w = graph.param(key).astype(np.float64)
         grad = None
         given = None
         if self.criterion == "taylor" and self.scores is not None:
             if key not in self.scores:
                 raise PassOptionError(f"{self.name}: criterion=taylor has no scores for `{key}` ({node})")
-            given = np.abs(np.asarray(torch.as_tensor(self.scores[key]).detach().double().cpu().numpy()))
+            given = np.abs(as_numpy(self.scores[key]).astype(np.float64))
             if given.shape != w.shape[:2]:
                 raise PassOptionError(f"{self.name}: scores for `{key}` have shape {given.shape}, expected {w.shape[:2]}")
         elif self.criterion == "taylor":
             if key not in self.gradients:  # type: ignore[operator]
                 raise PassOptionError(f"{self.name}: criterion=taylor has no gradient for `{key}` ({node})")
-            grad = self.gradients[key].detach().double().numpy()  # type: ignore[index]
+            grad = as_numpy(self.gradients[key]).astype(np.float64)  # type: ignore[index]
         bias_key = node.params.get("bias")
         magnitude = blockperm.pair_scores(w, "l2")
         if given is not None:
@@ -287,7 +290,7 @@ class GroupConvs(Pass):
             scores = magnitude if self.criterion == "l2" else blockperm.pair_scores(w, self.criterion, grad)
         return _Layer(
             node, key, bias_key, w.shape[0], w.shape[1], node_macs(graph, node), int(w.size),
-            int(graph.param(bias_key).numel()) if bias_key else 0,
+            int(graph.param(bias_key).size) if bias_key else 0,
             blockperm.normalise(scores), magnitude,
         )
 
@@ -655,24 +658,24 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
 
 
 # ======================================================================= rewrite
-def grouped_weight(weight: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+def grouped_weight(weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
     """``W_new[i, r] = (W * M)[tau[i], a_in[q * C/G + r]]`` with ``q = i // (F/G)``: the
     diagonal blocks of the masked weight in the conv's new filter and channel orders.
     Every entry taken lies inside a block (``M = 1`` there; checked), so it equals ``W``'s."""
     G = plan.solution.groups
     F, C = weight.shape[:2]
     fpg, cpg = F // G, C // G
-    tau = torch.as_tensor(plan.tau)
-    cols = torch.as_tensor(plan.a_in).reshape(G, cpg)[torch.arange(F) // fpg]  # (F, cpg)
-    rows_ok = plan.solution.rows[plan.tau][:, None] == plan.solution.cols[cols.numpy()]
+    tau = np.asarray(plan.tau)
+    cols = np.asarray(plan.a_in).reshape(G, cpg)[np.arange(F) // fpg]  # (F, cpg)
+    rows_ok = plan.solution.rows[plan.tau][:, None] == plan.solution.cols[cols]
     if not rows_ok.all():
         raise AssertionError(f"{plan.layer.node}: block {int(np.argmin(rows_ok.all(1)))} pairs rows and columns of different groups")
     return weight[tau[:, None], cols]
 
 
-def _full_mask(weight: torch.Tensor, sol: BlockSolution) -> torch.Tensor:
-    mask = torch.as_tensor(sol.mask(), dtype=weight.dtype)
-    return mask.reshape(mask.shape + (1,) * (weight.dim() - 2)).expand_as(weight).clone()
+def _full_mask(weight: np.ndarray, sol: BlockSolution) -> np.ndarray:
+    mask = np.asarray(sol.mask(), dtype=weight.dtype)
+    return np.broadcast_to(mask.reshape(mask.shape + (1,) * (weight.ndim - 2)), weight.shape).copy()
 
 
 def _projection(graph: Graph, plan: RewritePlan) -> Projection:
@@ -692,7 +695,7 @@ def apply_rewrite(graph: Graph, work: Graph, plan: RewritePlan) -> None:
         layer, node = lp.layer, work.node(lp.layer.node.name)
         work.set_param(layer.weight_key, grouped_weight(graph.param(layer.weight_key), lp))
         if layer.bias_key:
-            work.set_param(layer.bias_key, graph.param(layer.bias_key)[torch.as_tensor(lp.tau)].clone())
+            work.set_param(layer.bias_key, graph.param(layer.bias_key)[np.asarray(lp.tau)])
         work.set_attr(node, "groups", lp.solution.groups)
     _insert_gathers(work, plan)
     work.commit()
@@ -756,7 +759,8 @@ def taylor_pair_scores(graph: Graph, data: Any, convs: Sequence[Node]) -> dict[s
     ``L_b`` is the batch-mean cross-entropy of the first output when the batch has labels,
     else the batch mean of the output's squared norm; the graph runs in eval mode (the
     frontend must differentiate: fx).  Under ``torch.distributed`` the scores are averaged
-    over ranks, so every rank takes the same decision."""
+    over ranks, so every rank takes the same decision.  Needs torch."""
+    import torch
     import torch.nn.functional as F
 
     from graphprune.training import distributed
@@ -774,7 +778,7 @@ def taylor_pair_scores(graph: Graph, data: Any, convs: Sequence[Node]) -> dict[s
     for batch in calibration_batches(data, graph):
         grads = graph.gradients(batch.inputs, lambda outs, lab=batch.labels: loss(outs, lab), keys)
         for k in keys:
-            prod = graph.param(k).double() * grads[k].double()
+            prod = torch.from_numpy(graph.param(k).astype(np.float64)) * grads[k].double().cpu()
             scores[k] += prod.flatten(2).sum(-1).abs()
     for k in keys:
         distributed.mean_(scores[k])
@@ -788,7 +792,9 @@ def accumulate_gradients(
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """``{qualified weight name: sum over batches of dL/dW}`` for every conv weight of
-    ``model``, for ``criterion=taylor`` (``loss_fn(model, batch)`` returns the loss)."""
+    ``model``, for ``criterion=taylor`` (``loss_fn(model, batch)`` returns the loss).  Needs torch."""
+    import torch
+
     weights = {f"{name}.weight": m.weight for name, m in model.named_modules()
                if isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight is not None}
     total = {k: torch.zeros_like(w) for k, w in weights.items()}

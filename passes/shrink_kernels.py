@@ -56,7 +56,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from graphprune.cost import graph_cost
 from graphprune.layers import candidate_layers
@@ -96,13 +96,13 @@ class _Layer:
     """One conv and the rings decided so far (``drop[a]`` rings on spatial axis ``a``)."""
 
     node: Node
-    weight: torch.Tensor
+    weight: np.ndarray
     out_numel: int
     pads: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
     drop: list[int]
-    energy: torch.Tensor  # per tap: sum of squared weights over filters and channels (float64)
+    energy: np.ndarray  # per tap: sum of squared weights over filters and channels (float64)
     dropped: float = 0.0
     blocked: str = ""
 
@@ -112,7 +112,7 @@ class _Layer:
 
     @property
     def nd(self) -> int:
-        return self.weight.dim() - 2
+        return self.weight.ndim - 2
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -131,21 +131,21 @@ class _Layer:
     def macs(self, drop: list[int] | None = None) -> int:
         return self.out_numel * int(self.weight.shape[1]) * math.prod(self.new_kernel(drop))
 
-    def window(self, drop: list[int] | None = None) -> torch.Tensor:
+    def window(self, drop: list[int] | None = None) -> np.ndarray:
         """The kept taps of the weight."""
         return _narrow(self.weight, 2, self.drop if drop is None else drop)
 
-    def ring_energy(self, axes: tuple[int, ...]) -> torch.Tensor:
+    def ring_energy(self, axes: tuple[int, ...]) -> np.ndarray:
         """Per-tap energy of the taps that dropping one ring along ``axes`` removes."""
         window = _narrow(self.energy, 0, self.drop)
-        inner = torch.ones_like(window, dtype=torch.bool)
-        _narrow(inner, 0, [1 if a in axes else 0 for a in range(self.nd)]).fill_(False)
+        inner = np.ones(window.shape, dtype=bool)
+        _narrow(inner, 0, [1 if a in axes else 0 for a in range(self.nd)])[...] = False
         return window[inner]
 
-    def mask(self) -> torch.Tensor:
+    def mask(self) -> np.ndarray:
         """1 on the kept taps, 0 on the dropped rings, shaped like the weight."""
-        m = torch.zeros_like(self.weight, dtype=torch.float32)
-        _narrow(m, 2, self.drop).fill_(1.0)
+        m = np.zeros(self.weight.shape, dtype=np.float32)
+        _narrow(m, 2, self.drop)[...] = 1.0
         return m
 
     def steps(self, per_axis: bool, crop: bool) -> list[_Step]:
@@ -250,14 +250,14 @@ class ShrinkKernels(Pass):
         for node, w in candidate_layers(graph, ("conv",), self.ignore, skipped, reason):
             if max(w.shape[2:], default=1) < 3:
                 continue  # nothing to drop: not worth a record
-            nd = w.dim() - 2
+            nd = w.ndim - 2
             y = graph.shape(node.outputs[0])
             layers.append(_Layer(
                 node=node, weight=w, out_numel=math.prod(y) if y else 0,
                 pads=tuple(int(p) for p in node.attrs.get("pads", (0,) * 2 * nd)),
                 dilation=tuple(int(d) for d in node.attrs.get("dilation", (1,) * nd)),
                 groups=int(node.attrs.get("groups", 1)), drop=[0] * nd,
-                energy=w.double().pow(2).sum((0, 1)),
+                energy=np.square(w.astype(np.float64)).sum((0, 1)),
             ))
         return layers, skipped
 
@@ -338,11 +338,12 @@ def _label(node: Node) -> str:
     return node.label or node.name
 
 
-def _narrow(t: torch.Tensor, first: int, drop: list[int]) -> torch.Tensor:
-    """``t`` without ``drop[a]`` leading and trailing entries on axis ``first + a``."""
+def _narrow(t: np.ndarray, first: int, drop: list[int]) -> np.ndarray:
+    """``t`` without ``drop[a]`` leading and trailing entries on axis ``first + a`` (a view)."""
+    index: list[slice] = [slice(None)] * t.ndim
     for a, r in enumerate(drop):
-        t = t.narrow(first + a, r, t.shape[first + a] - 2 * r)
-    return t
+        index[first + a] = slice(r, t.shape[first + a] - r)
+    return t[tuple(index)]
 
 
 def _crops(layer: _Layer) -> list[tuple[int, int]]:
@@ -378,10 +379,10 @@ def _rewrite(work: Graph, node: Node, layer: _Layer) -> None:
                 work.slice_param(key, 2 + a, range(r, layer.kernel[a] - r))
         work.set_attr(node, "pads", pads)
         return
-    params = {"weight": layer.window().clone()}
+    params = {"weight": np.ascontiguousarray(layer.window())}
     bias = work.node_param(node, "bias")
     if bias is not None:
-        params["bias"] = bias.clone()
+        params["bias"] = bias.copy()
     attrs = {
         "stride": tuple(node.attrs.get("stride", (1,) * nd)),
         "dilation": layer.dilation,
@@ -435,17 +436,18 @@ def _fold_into_conv(work: Graph, dw: Node, conv: Node) -> str:
     G, F_ = int(w2.shape[0]), int(w2.shape[1])
     C = int(work.shape(dw.inputs[0])[1])  # type: ignore[index]
     m = F_ // C
-    scale = w.reshape(F_).to(w2.dtype)
-    spatial = (1,) * (w2.dim() - 2)
-    new_w = (w2 * scale.view(1, F_, *spatial)).reshape(G, C, m, *w2.shape[2:]).sum(2)
-    new_b = b2.clone() if b2 is not None else None
+    scale = w.reshape(F_).astype(w2.dtype)
+    spatial = (1,) * (w2.ndim - 2)
+    new_w = (w2 * scale.reshape(1, F_, *spatial)).reshape(G, C, m, *w2.shape[2:]).sum(2)
+    new_b = b2.copy() if b2 is not None else None
     if has_bias:
-        shift = (w2.double() * b.double().view(1, F_, *spatial)).sum(dim=tuple(range(1, w2.dim())))  # type: ignore[union-attr]
-        new_b = (shift if new_b is None else new_b.double() + shift).to(w2.dtype)
-    params = {"weight": new_w}
+        w64, b64 = w2.astype(np.float64), b.astype(np.float64)  # type: ignore[union-attr]
+        shift = (w64 * b64.reshape(1, F_, *spatial)).sum(axis=tuple(range(1, w2.ndim)))
+        new_b = (shift if new_b is None else new_b.astype(np.float64) + shift).astype(w2.dtype)
+    params = {"weight": np.ascontiguousarray(new_w)}
     if new_b is not None:
         params["bias"] = new_b
-    nd = w2.dim() - 2
+    nd = w2.ndim - 2
     attrs = {
         "stride": tuple(conv.attrs.get("stride", (1,) * nd)),
         "dilation": tuple(conv.attrs.get("dilation", (1,) * nd)),

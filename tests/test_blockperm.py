@@ -8,6 +8,8 @@ import pytest
 
 from graphprune import blockperm as bp
 
+pytestmark = pytest.mark.notorch  # numpy only: also run by `make test-notorch`
+
 
 def planted(rng: np.random.Generator, F: int, C: int, G: int, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores that are block diagonal under hidden row/column permutations: (S, rows, cols)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -69,7 +70,7 @@ def test_export_and_fx_keep_the_same_channels() -> None:
     masks = {c: r.projection.masks for c, r in results.items()}
     assert set(masks["export"]) == set(masks["fx"]) and masks["fx"]
     for key in masks["fx"]:
-        assert torch.equal(masks["export"][key], masks["fx"][key]), key
+        assert np.array_equal(masks["export"][key], masks["fx"][key]), key
     ge, gf = (results[c].graph for c in ("export", "fx"))
     assert gp.graph_cost(ge).macs == gp.graph_cost(gf).macs
     assert gp.compare(ge, gf) <= RTOL
@@ -116,9 +117,9 @@ def test_chunk_keeps_equal_parts() -> None:
     model, x = randomize_(Chunky()).eval(), torch.randn(1, 3, 8, 8)
     for capture in ("export", "fx"):
         r = check_pass(gp.trace(model, x, capture=capture), "prune-channels{ratio=0.75}")
-        kept = r.projection.masks["c1.weight"].flatten(1).amax(1)
+        kept = r.projection.masks["c1.weight"].reshape(16, -1).max(1)
         assert 0 < kept[:8].sum() == kept[8:].sum() < 8, capture
-        assert torch.equal(kept[:8], kept[8:]), capture
+        assert np.array_equal(kept[:8], kept[8:]), capture
     gp.apply(r, model)  # the code's chunk(2) splits the narrower tensor where the graph does
     assert model.c1.out_channels == int(kept.sum())
 

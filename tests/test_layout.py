@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Collection
 
 import networkx as nx
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pytest itself depends on tomli before Python 3.11
     import tomli as tomllib
+
+pytestmark = pytest.mark.notorch  # static: also run by `make test-notorch`
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CLASS_LINES = 400

@@ -63,7 +63,7 @@ def _corrupt_outer_tap(result: gp.PassResult, layer: str) -> None:
     graph (a tap that only reaches data at output positions away from the top-left border)."""
     g = result.graph
     key = g.find(layer).params["weight"]
-    w = g.param(key).clone()
+    w = g.param(key).copy()
     w[:, :, 0, 0] += 1.0
     g.set_param(key, w)
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
 from .fx import CaptureError, Edit, FxFrontend, _graph_module, _shallow_tree
-from .fx_build import resolve_input, split_pads
+from .fx_build import resolve_input, split_pads, to_tensor
 from ..profile import stage
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
@@ -283,7 +283,7 @@ class ExportFrontend(FxFrontend):
             name = f"{leaf}_gp{i}_{k}"
         return f"{parent}.{name}" if parent else name
 
-    def _register_params(self, path: str, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    def _register_params(self, path: str, params: Mapping[str, Any]) -> dict[str, str]:
         """Put ``params`` at ``path.<role>`` (creating an empty module there if needed)."""
         try:
             owner = self.gm.get_submodule(path)
@@ -296,7 +296,7 @@ class ExportFrontend(FxFrontend):
             if role in owner._parameters:
                 del owner._parameters[role]
             if role in params and params[role] is not None:
-                owner.register_parameter(role, nn.Parameter(params[role].detach().clone()))
+                owner.register_parameter(role, nn.Parameter(to_tensor(params[role], self._device()).clone()))
                 roles[role] = f"{path}.{role}"
         return roles
 
@@ -310,7 +310,7 @@ class ExportFrontend(FxFrontend):
             return g.call_function(_ATEN.linear.default, (x, w, b))
         if spec.kind != "conv":
             raise GraphError(f"the export frontend cannot build new `{spec.kind}` nodes (conv and linear only)")
-        nd = spec.params["weight"].dim() - 2
+        nd = len(spec.params["weight"].shape) - 2
         padding, extra = split_pads(spec.attrs.get("pads", (0,) * (2 * nd)))
         if extra is not None:
             x = g.call_function(_ATEN.constant_pad_nd.default, (x, extra, 0.0))

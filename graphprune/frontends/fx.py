@@ -16,14 +16,17 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ..arrays import as_numpy
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
 from ..profile import stage
+from .fx_build import to_tensor
 
 
 class CaptureError(GraphError):
@@ -357,17 +360,28 @@ class FxFrontend:
         path, _, attr = key.rpartition(".")
         return (self._module(path) if path else self.gm), attr
 
-    def get_param(self, key: str) -> torch.Tensor:
+    def get_param(self, key: str) -> np.ndarray:
+        """The parameter or buffer ``key`` as a numpy array: a zero-copy view of the CPU
+        tensor (a copy for other devices).  Never written into: edits replace tensors."""
+        return as_numpy(self.get_tensor(key))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The parameter or buffer ``key`` as the module's own (detached) tensor."""
         owner, attr = self._owner(key)
         value = getattr(owner, attr)
         if not isinstance(value, torch.Tensor):
             raise GraphError(f"`{key}` is not a tensor")
         return value.detach()
 
-    def set_param(self, key: str, value: torch.Tensor) -> None:
+    def set_param(self, key: str, value: np.ndarray | torch.Tensor) -> None:
+        """Replace ``key`` by ``value`` (numpy arrays become tensors sharing their memory,
+        on the old tensor's device)."""
         owner, attr = self._owner(key)
         old = getattr(owner, attr)
-        value = value.detach()
+        if isinstance(old, torch.Tensor):
+            value = to_tensor(value, old.device, old.dtype)
+        else:
+            value = to_tensor(value)
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
         elif attr in owner._buffers:
@@ -413,33 +427,11 @@ class FxFrontend:
             self.gm.graph.erase_node(n)
             return
         if key == "shape" and node.kind == "reshape":
-            self._set_reshape(n, value)
+            edit = set_reshape_literals(n, value)
+            if edit is not None:
+                self.edits.append(edit)
             return
         raise GraphError(f"cannot set `{key}` on {node}")
-
-    def _set_reshape(self, n: fx.Node, updates: dict[int, int]) -> None:
-        """Replace literal sizes of a view/reshape at the axes in ``updates``."""
-        is_method = n.op == "call_method"
-        raw = list(n.args[1:]) if is_method else [n.args[1]]
-        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-            shape, packed = list(raw[0]), True
-        else:
-            shape, packed = list(raw), False
-        old = list(shape)
-        for axis, size in updates.items():
-            entry = shape[axis]
-            if isinstance(entry, int) and entry != -1:
-                shape[axis] = int(size)
-            elif isinstance(entry, int) and entry == -1:
-                continue  # inferred: follows the new input size
-            else:
-                raise GraphError(
-                    f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
-                )
-        if shape != old:
-            self.edits.append(Edit("literal", n.name, "", "reshape sizes", _literal_text(old), _literal_text(shape)))
-        new_shape = [tuple(shape)] if packed else shape
-        n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
 
     def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
         from .fx_build import replace_with_new_nodes
@@ -511,11 +503,26 @@ class FxFrontend:
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
+        """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
         self.gm.eval()
         with torch.no_grad():
-            out = self.gm(*inputs)
+            out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
+
+    def inputs_from_arrays(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Numpy inputs as tensors on the model's device, in the example inputs' dtypes
+        (numpy has no bfloat16): what ``Graph.random_inputs`` returns."""
+        device = self._device()
+        return [to_tensor(a, device, ex.dtype if isinstance(ex, torch.Tensor) else None) for a, ex in zip(arrays, self._inputs)]
+
+    def _device(self) -> torch.device | None:
+        """The device of the module's first parameter or buffer (None: no tensors)."""
+        for t in self.gm.parameters():
+            return t.device
+        for t in self.gm.buffers():
+            return t.device
+        return None
 
     def masked_runner(self, inputs: Sequence[torch.Tensor]) -> "MaskedRunner":
         """A runner over ``inputs`` (a batch of ``B`` rows) that evaluates ``k`` masked
@@ -529,7 +536,7 @@ class FxFrontend:
         """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
         their running statistics); the module's own tensors are not touched."""
         self.gm.eval()
-        params = {k: self.get_param(k).clone().requires_grad_(True) for k in keys}
+        params = {k: self.get_tensor(k).clone().requires_grad_(True) for k in keys}
         with torch.enable_grad():
             out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
             value = loss(_flatten_tensors(out))
@@ -744,6 +751,29 @@ def _binary_attrs(n: fx.Node) -> dict[str, Any]:
         scalar = float(s) if isinstance(s, (int, float, bool)) else "dynamic"
     alpha = n.kwargs.get("alpha")
     return {"tensor_positions": positions, "scalar": scalar, "alpha": alpha}
+
+
+def set_reshape_literals(n: fx.Node, updates: Mapping[int, int]) -> Edit | None:
+    """Replace literal sizes of view/reshape node ``n`` at the axes in ``updates`` (a
+    ``-1`` stays: it follows the new input size); the edit, if a literal changed."""
+    is_method = n.op == "call_method"
+    raw = list(n.args[1:]) if is_method else [n.args[1]]
+    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+        shape, packed = list(raw[0]), True
+    else:
+        shape, packed = list(raw), False
+    old = list(shape)
+    for axis, size in updates.items():
+        entry = shape[axis]
+        if isinstance(entry, int) and entry != -1:
+            shape[axis] = int(size)
+        elif not isinstance(entry, int):
+            raise GraphError(f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`")
+    new_shape = [tuple(shape)] if packed else shape
+    n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
+    if shape == old:
+        return None
+    return Edit("literal", n.name, "", "reshape sizes", _literal_text(old), _literal_text(shape))
 
 
 def _literal_text(shape: list[Any]) -> list[Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -38,11 +39,28 @@ import torch.nn.functional as F
 
 from ..graph import GraphError, NewNode, Node
 
-__all__ = ["replace_with_new_nodes", "build_module", "split_pads", "resolve_input"]
+__all__ = ["replace_with_new_nodes", "build_module", "split_pads", "resolve_input", "to_tensor"]
 
 logger = logging.getLogger(__name__)
 
 _CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def to_tensor(value: np.ndarray | torch.Tensor, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached tensor from an array or tensor: a numpy array's memory is shared (copied
+    when numpy marks it read-only), then moved to ``device`` and cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    else:
+        array = np.asarray(value)
+        if not array.flags.writeable:
+            array = array.copy()
+        t = torch.from_numpy(array)
+    if device is not None and t.device != device:
+        t = t.to(device)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t
 
 
 def split_pads(pads: Sequence[int]) -> tuple[tuple[int, ...], list[int] | None]:
@@ -62,13 +80,15 @@ def split_pads(pads: Sequence[int]) -> tuple[tuple[int, ...], list[int] | None]:
     return padding, (extra if any(extra) else None)
 
 
-def build_module(new: NewNode, padding_mode: str = "zeros") -> tuple[nn.Module, list[int] | None]:
-    """An ``nn.Module`` computing ``new`` (with its exact weights), and the ``F.pad`` list
-    that must run before it (``None`` if none)."""
-    weight = new.params.get("weight")
-    if weight is None:
+def build_module(new: NewNode, padding_mode: str = "zeros", device: torch.device | None = None) -> tuple[nn.Module, list[int] | None]:
+    """An ``nn.Module`` computing ``new`` (with its exact weights, numpy arrays or
+    tensors, placed on ``device``), and the ``F.pad`` list that must run before it
+    (``None`` if none)."""
+    if new.params.get("weight") is None:
         raise GraphError(f"new {new.kind} node has no weight")
+    weight = to_tensor(new.params["weight"], device)
     bias = new.params.get("bias")
+    bias = None if bias is None else to_tensor(bias, device, weight.dtype)
     if new.kind == "conv":
         mod, extra = _build_conv(new, weight, bias, padding_mode)
     elif new.kind == "linear":
@@ -126,7 +146,7 @@ def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) ->
     with gm.graph.inserting_before(old):
         for i, spec in enumerate(new):
             x = resolve_input(spec, i, created, by_name, node)
-            module, extra = build_module(spec, padding_mode if spec.kind == "conv" else "zeros")
+            module, extra = build_module(spec, padding_mode if spec.kind == "conv" else "zeros", frontend._device())
             if reuse:
                 gm.delete_submodule(old_path)
                 path = old_path

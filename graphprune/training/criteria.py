@@ -101,7 +101,7 @@ def calibration_batches(data: Any, graph: Graph) -> list[CalibrationBatch]:
     """Normalise calibration ``data`` (see the module docstring) to batches whose inputs
     follow ``graph``'s input order and dtypes."""
     n_inputs = len(graph.inputs)
-    examples = graph.example_inputs()
+    examples = [_tensor(x) for x in graph.example_inputs()]
     out: list[CalibrationBatch] = []
 
     def cast(ts: list[Any]) -> list[torch.Tensor]:
@@ -154,15 +154,16 @@ def calibration_batches(data: Any, graph: Graph) -> list[CalibrationBatch]:
 
 
 def run_batch(graph: Graph, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``graph.run`` on a calibration batch; a graph whose frontend takes only its example
-    batch size (an ONNX file exported with a fixed batch) is fed in chunks of that size."""
+    """``graph.run`` on a calibration batch, as tensors (an ONNX graph returns arrays); a
+    graph whose frontend takes only its example batch size (an ONNX file exported with a
+    fixed batch) is fed in chunks of that size."""
     try:
-        return graph.run(*inputs)
+        return [_tensor(o) for o in graph.run(*inputs)]
     except Exception:
         b = int(graph.example_inputs()[0].shape[0])
         if b < 1 or int(inputs[0].shape[0]) <= b:
             raise
-        parts = [graph.run(*[x[i : i + b] for x in inputs]) for i in range(0, int(inputs[0].shape[0]), b)]
+        parts = [[_tensor(o) for o in graph.run(*[x[i : i + b] for x in inputs])] for i in range(0, int(inputs[0].shape[0]), b)]
         return [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
@@ -263,7 +264,7 @@ def taylor_importance(data: Any) -> Any:
     def products(graph: Graph) -> dict[str, torch.Tensor]:
         if cache.get("graph") is not graph:
             keys = sorted({k for node in graph.nodes for role, k in node.params.items()
-                           if role not in NO_GRAD_ROLES and graph.param(k).is_floating_point()})
+                           if role not in NO_GRAD_ROLES and np.issubdtype(graph.param(k).dtype, np.floating)})
             batches = calibration_batches(data, graph)
             n_total = sum(int(b.inputs[0].shape[0]) for b in batches)
             grads: dict[str, torch.Tensor] = {}
@@ -271,7 +272,7 @@ def taylor_importance(data: Any) -> Any:
                 g = graph.gradients(b.inputs, lambda outs, lab=b.labels: _loss(outs, lab, n_total), keys)
                 for k, v in g.items():
                     grads[k] = grads[k] + v if k in grads else v
-            cache.update(graph=graph, prods={k: (grads[k] * graph.param(k)).double() for k in keys})
+            cache.update(graph=graph, prods={k: (grads[k].cpu() * torch.from_numpy(graph.param(k))).double() for k in keys})
         return cache["prods"]
 
     def score(graph: Graph, group: PruningGroup) -> np.ndarray:

@@ -239,8 +239,8 @@ class LatencyTable:
         return total
 
 
-def _geometry(node: Node, w: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    nd = w.dim() - 2
+def _geometry(node: Node, w: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    nd = len(w.shape) - 2
     return (tuple(node.attrs.get("stride", (1,) * nd)), tuple(node.attrs.get("dilation", (1,) * nd)),
             tuple(node.attrs.get("pads", (0,) * 2 * nd)))
 

@@ -47,7 +47,7 @@ def _calib(x: torch.Tensor, batch: int = 128, n: int = 8) -> list[torch.Tensor]:
 
 
 def _conv_params(graph: gp.Graph) -> int:
-    return sum(int(graph.param(k).numel()) for n in graph.nodes if n.kind == "conv" for k in n.params.values())
+    return sum(int(graph.param(k).size) for n in graph.nodes if n.kind == "conv" for k in n.params.values())
 
 
 def _identity_projection(graph: gp.Graph, decided: gp.PassResult, groups: int) -> Projection:
@@ -57,8 +57,8 @@ def _identity_projection(graph: gp.Graph, decided: gp.PassResult, groups: int) -
         w = graph.param(key)
         F_, C = int(w.shape[0]), int(w.shape[1])
         rows, cols = blockperm.identity_labels(F_, groups), blockperm.identity_labels(C, groups)
-        mask = torch.as_tensor(blockperm.block_mask(rows, cols), dtype=w.dtype)
-        proj.mask(key, mask.reshape(F_, C, *(1,) * (w.dim() - 2)).expand_as(w).clone())
+        mask = np.asarray(blockperm.block_mask(rows, cols), dtype=w.dtype)
+        proj.mask(key, np.broadcast_to(mask.reshape(F_, C, *(1,) * (w.ndim - 2)), w.shape).copy())
     return proj
 
 

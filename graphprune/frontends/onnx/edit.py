@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import torch
 
+from ...arrays import as_numpy
 from ...graph import GraphError, NewNode, Node
 from .classify import OpContext
 from .tensors import const_value, constant_node_value, swap_input
@@ -46,12 +46,12 @@ class OnnxEdits:
         def _fresh_node_name(self, base: str) -> str: ...
 
     # ------------------------------------------------------------ parameters
-    def set_param(self, key: str, value: torch.Tensor) -> None:
+    def set_param(self, key: str, value: np.ndarray) -> None:
         ref = self._refs_map().get(key)
         if ref is None:
             raise GraphError(f"no constant named `{key}` in the ONNX graph")
         old_dtype = ref.values.dtype if isinstance(ref, gs.Constant) else constant_node_value(ref).dtype
-        array = np.ascontiguousarray(value.detach().cpu().numpy().astype(old_dtype, copy=False))
+        array = np.ascontiguousarray(as_numpy(value).astype(old_dtype, copy=False))
         if isinstance(ref, gs.Constant):
             ref.values = array
         else:
@@ -126,14 +126,14 @@ class OnnxEdits:
 
     def _emit(self, spec: NewNode, ins: list[gs.Tensor], out: gs.Variable, base: str, rank: int) -> list[gs.Node]:
         """The ONNX nodes of one new node: a Conv, a Gemm (2-D input) or MatMul [+ Add]."""
-        def const(role: str, value: torch.Tensor | np.ndarray) -> gs.Constant:
-            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        def const(role: str, value: np.ndarray) -> gs.Constant:
+            array = as_numpy(value)
             return gs.Constant(self._fresh_tensor_name(f"{base}.{role}"), np.ascontiguousarray(array))
 
-        w = spec.params["weight"]
+        w = as_numpy(spec.params["weight"])
         b = spec.params.get("bias")
         if spec.kind == "conv":
-            nd = w.dim() - 2
+            nd = w.ndim - 2
             attrs = {
                 "group": int(spec.attrs.get("groups", 1)),
                 "strides": [int(s) for s in spec.attrs.get("stride", (1,) * nd)],
@@ -147,7 +147,7 @@ class OnnxEdits:
             if rank == 2:
                 inputs = [ins[0], const("weight", w)] + ([const("bias", b)] if b is not None else [])
                 return [gs.Node("Gemm", base, {"transB": 1}, inputs=inputs, outputs=[out])]
-            wt = np.ascontiguousarray(w.detach().cpu().numpy().T)
+            wt = np.ascontiguousarray(w.T)
             if b is None:
                 return [gs.Node("MatMul", base, {}, inputs=[ins[0], const("weight", wt)], outputs=[out])]
             mid = gs.Variable(self._fresh_tensor_name(f"{base}/MatMul_output"))

@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
 from ...graph import Graph, GraphError, Node, ValueInfo
 from ...profile import stage
@@ -120,14 +119,14 @@ class OnnxFrontend(OnnxEdits):
             self._refs = refs
         return self._refs
 
-    def get_param(self, key: str) -> torch.Tensor:
+    def get_param(self, key: str) -> np.ndarray:
         ref = self._refs_map().get(key)
         if ref is None:
             raise GraphError(f"no constant named `{key}` in the ONNX graph")
         value = np.asarray(ref.values) if isinstance(ref, gs.Constant) else constant_node_value(ref)
         if not value.flags.writeable or value.dtype.byteorder not in "=|":
             value = np.array(value, copy=True)
-        return torch.from_numpy(value)  # shared: weights are replaced, never written in place
+        return value  # shared: weights are replaced, never written in place
 
     # ------------------------------------------------------------------ view
     def view(self) -> tuple[list[Node], dict[str, ValueInfo], list[str], list[str]]:
@@ -166,17 +165,18 @@ class OnnxFrontend(OnnxEdits):
                 raise OnnxLoadError(f"onnxruntime cannot run `{self.source}`: {str(exc).splitlines()[0]}") from exc
         return self._session_cache
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order."""
         return run_session(self.session(), self.graph, inputs)
 
-    def run_optimised(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run_optimised(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
         :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
         if self._optimised_cache is None:
             self._optimised_cache = make_session(export_model(self.graph, self._shell), optimise=True)
         return run_session(self._optimised_cache, self.graph, inputs)
 
-    def example_inputs(self) -> list[torch.Tensor]:
+    def example_inputs(self) -> list[np.ndarray]:
         return list(self._inputs)
 
     def input_hints(self) -> dict[str, np.ndarray]:

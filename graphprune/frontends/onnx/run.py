@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
+from ...arrays import as_numpy
 from ...graph import GraphError
 from .tensors import const_value, np_dtype, proto_nbytes
 
@@ -41,29 +41,31 @@ def make_session(model: onnx.ModelProto, optimise: bool = False) -> Any:
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess: Any, graph: gs.Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Feed ``inputs`` to ``graph``'s inputs in order; its outputs as tensors."""
+def run_session(sess: Any, graph: gs.Graph, inputs: Sequence[Any]) -> list[np.ndarray]:
+    """Feed ``inputs`` (numpy arrays or torch tensors) to ``graph``'s inputs in order; its
+    outputs as numpy arrays."""
     names = [t.name for t in graph.inputs if isinstance(t, gs.Variable)]
     if len(inputs) != len(names):
         raise GraphError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    feeds = {name: as_numpy(t) for name, t in zip(names, inputs)}
     outs = sess.run([t.name for t in graph.outputs], feeds)
-    return [torch.from_numpy(np.asarray(o)) for o in outs]
+    return [np.asarray(o) for o in outs]
 
 
-def example_inputs(graph: gs.Graph) -> list[torch.Tensor]:
-    """One seeded random tensor per graph input, at its fixed shape and type."""
-    gen = torch.Generator().manual_seed(0)
+def example_inputs(graph: gs.Graph) -> list[np.ndarray]:
+    """One seeded random array per graph input, at its fixed shape and type: standard
+    normal for floating-point inputs, zeros for the others."""
+    rng = np.random.default_rng(0)
     out = []
     for t in graph.inputs:
         if not isinstance(t, gs.Variable):
             continue
-        dtype = torch.from_numpy(np.zeros(0, dtype=np_dtype(t.dtype))).dtype
+        dtype = np_dtype(t.dtype)
         shape = [int(d) for d in t.shape]
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(dtype))
+        if np.issubdtype(dtype, np.floating):
+            out.append(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
         else:
-            out.append(torch.zeros(shape, dtype=dtype))
+            out.append(np.zeros(shape, dtype=dtype))
     return out
 
 
