@@ -37,6 +37,7 @@ import torch
 import torchvision
 
 import graphprune as gp
+from graphprune.arrays import as_numpy
 from graphprune.cli import format_table
 from graphprune.frontends.onnx import load_onnx
 from graphprune.samples.models import randomize_
@@ -81,9 +82,9 @@ def relative_error(path: str, reference: gp.Graph, n: int = 2) -> float:
     worst = 0.0
     for seed in range(n):
         xs = reference.random_inputs(seed)
-        got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})
+        got = sess.run(None, {i.name: as_numpy(x) for i, x in zip(sess.get_inputs(), xs)})
         for g, w in zip(got, reference.run(*xs)):
-            w = w.double().numpy()
+            w = as_numpy(w).astype(np.float64)
             worst = max(worst, float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-12)))
     return worst
 
@@ -157,7 +158,7 @@ def recovered_reference(src: str, dst: str) -> gp.Graph | None:
             return None
         mask = np.zeros(old.shape, bool)
         mask[np.ix_(*kept)] = True
-        graph.set_param(name, torch.from_numpy(np.where(mask, old, 0).astype(old.dtype)))
+        graph.set_param(name, np.where(mask, old, 0).astype(old.dtype))
     return graph
 
 
@@ -168,9 +169,13 @@ def kept_indices(old: np.ndarray, new: np.ndarray) -> list[np.ndarray] | None:
     (in ``old``) of the first few values of ``new``'s slice i: random weights repeat a
     value only by accident, so the intersection leaves one candidate.
     """
-    where: dict[float, list[int]] = {}
-    for flat, value in enumerate(old.reshape(-1).tolist()):
-        where.setdefault(value, []).append(flat)
+    flat_old = old.reshape(-1)
+    order = np.argsort(flat_old, kind="stable")
+    ordered = flat_old[order]
+
+    def where(value: float) -> np.ndarray:  # flat positions of ``value`` in ``old``
+        return order[np.searchsorted(ordered, value, "left"):np.searchsorted(ordered, value, "right")]
+
     kept = []
     for axis in range(old.ndim):
         idx = []
@@ -178,7 +183,7 @@ def kept_indices(old: np.ndarray, new: np.ndarray) -> list[np.ndarray] | None:
             probes = np.take(new, i, axis=axis).reshape(-1)[:16].tolist()
             candidates: set[int] | None = None
             for value in probes:
-                found = {int(np.unravel_index(f, old.shape)[axis]) for f in where.get(value, [])}
+                found = {int(i) for i in np.unravel_index(where(value), old.shape)[axis]}
                 candidates = found if candidates is None else candidates & found
             if not candidates or len(candidates) != 1:
                 return None
