@@ -228,7 +228,7 @@ def main() -> None:
                          f"{t_sim / t_gp:.2f}x" if ok else "-", f"{t_sim / t_free:.2f}x" if ok else "-",
                          f"{gp_out.macs:.3f}", f"{sim_out.macs:.3f}" if ok else "-",
                          gp_out.matches, sim_out.matches))
-            print(f"{name}: done", flush=True)
+            print(f"{name}: done: " + " | ".join(rows[-1]), flush=True)  # partial results survive a timeout
     if ratios:
         rows.append((f"geometric mean ({len(ratios)})", "", "", "", f"{statistics.geometric_mean(ratios):.2f}x",
                      f"{statistics.geometric_mean(ratios_unchecked):.2f}x", "", "", "", ""))
