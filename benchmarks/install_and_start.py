@@ -16,7 +16,8 @@ Measured side by side in one run:
 The torch-free venv is made if it does not exist (``--make-venv``):
 ``python3 -m venv /tmp/gp-notorch && /tmp/gp-notorch/bin/pip install .``.
 
-Run: ``python benchmarks/install_and_start.py [--notorch-venv /tmp/gp-notorch] [--torch-venv .venv] [--runs 7]``
+Run: ``python benchmarks/install_and_start.py [--notorch-venv /tmp/gp-notorch] [--torch-venv .venv] [--runs 7]
+[--baseline OTHER/bin/graphprune]``
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--torch-venv", default=os.path.join(ROOT, ".venv"))
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--make-venv", action="store_true", help="create the torch-free venv if it is missing")
+    ap.add_argument("--baseline", default=None, metavar="BIN",
+                    help="another graphprune executable to time alongside (e.g. an install of the version before torch became optional)")
     args = ap.parse_args()
     if not os.path.isdir(args.notorch_venv):
         if not args.make_venv:
@@ -99,6 +102,10 @@ def main() -> None:
         for argv in (["--help"], ["passes"]):
             t = wall([os.path.join(venv, "bin", "graphprune"), *argv], args.runs)
             rows.append((f"{label}: graphprune {' '.join(argv)}", f"{t:.3f} s", f"{t / ref_torch:.2f}"))
+    if args.baseline:
+        for argv in (["--help"], ["passes"]):
+            t = wall([args.baseline, *argv], args.runs)
+            rows.append((f"baseline ({args.baseline}): graphprune {' '.join(argv)}", f"{t:.3f} s", f"{t / ref_torch:.2f}"))
     rows.append(("python -c 'import onnxruntime'", f"{ref_ort:.3f} s", f"{ref_ort / ref_torch:.2f}"))
     rows.append(("python -c 'import torch'", f"{ref_torch:.3f} s", "1.00"))
     print(f"start time: median of {args.runs} runs (warm file cache)\n")

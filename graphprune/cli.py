@@ -85,29 +85,129 @@ def demo(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- passes
-@command("passes", lambda p: None)
-def list_passes(args: argparse.Namespace) -> int:
-    """List the registered passes with their options and defaults."""
-    from .passes_base import PASSES, _load_builtin_passes
+def _passes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="a pass to describe in full (its documentation and every option)")
 
-    _load_builtin_passes()
+
+@command("passes", _passes_args)
+def list_passes(args: argparse.Namespace) -> int:
+    """List the registered passes, or describe one: graphprune passes NAME."""
+    from .passes_base import PASSES, get_pass
+
+    if args.name:
+        print(describe_pass(get_pass(args.name)))
+        return EXIT_OK
+    get_pass("prune-channels")  # loads the built-in passes
     for name, cls in sorted(PASSES.items()):
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name}{{{opts}}}\n    {doc}")
+        opts = ", ".join(f"{f.name}={_default(f)}" for f in _cli_fields(cls))
+        print(f"{name}{{{opts}}}\n    {_first_paragraph(cls.__doc__ or '')}")
+    print("\n`graphprune passes NAME` describes a pass and each option.")
     return EXIT_OK
+
+
+def describe_pass(cls: type) -> str:
+    """A pass's module documentation, then each option with its type, default and meaning."""
+    import sys as _sys
+    import textwrap
+    import typing
+
+    module_doc = (_sys.modules[cls.__module__].__doc__ or "").strip()
+    docs = option_docs(cls)
+    hints = typing.get_type_hints(cls)
+    rows = [(f.name, _type_name(hints.get(f.name)), _default(f), docs.get(f.name, "")) for f in dataclasses.fields(cls)]
+    lines = [module_doc or (cls.__doc__ or "").strip(), "", f"options of {cls.name} (write {cls.name}{{option=value,...}}):"]
+    for name, typ, default, meaning in rows:
+        lines.append(f"  {name}: {typ} = {default}")
+        lines.extend(textwrap.wrap(meaning, 88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def option_docs(cls: type) -> dict[str, str]:
+    """``{option: meaning}`` from the ``Options:`` section of a pass's class docstring
+    (``name: text`` lines, continuation lines indented further)."""
+    import inspect
+
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    out: dict[str, str] = {}
+    current = None
+    inside = False
+    for line in doc.splitlines():
+        if line.strip() == "Options:":
+            inside = True
+            continue
+        if not inside or not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        name, colon, text = line.strip().partition(":")
+        if indent <= 4 and colon and name.isidentifier():
+            current = name
+            out[name] = text.strip()
+        elif current is not None:
+            out[current] += " " + line.strip()
+    return out
+
+
+def _first_paragraph(doc: str) -> str:
+    """A docstring's first paragraph on one line (whole sentences, never cut)."""
+    para = doc.strip().split("\n\n")[0]
+    return " ".join(para.split())
+
+
+def _cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.repr]  # Python-only options (tensors) are not shown
+
+
+def _default(f: dataclasses.Field) -> str:
+    value = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ";".join(map(str, value)) if value else "(none)"
+    return "none" if value is None else str(value)
+
+
+def _type_name(hint: object) -> str:
+    import typing
+
+    if hint is None:
+        return "?"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return "list of " + _type_name(args[0] if args else str)
+    if args and len(args) < len(typing.get_args(hint)):
+        return _type_name(args[0]) + " or none"
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
     _load_commands()
-    parser = argparse.ArgumentParser(prog="graphprune", description="Structured-pruning compiler passes for PyTorch and ONNX models.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log pass summaries (-v) or details (-vv)")
+    common = _global_flags()
+    parser = argparse.ArgumentParser(prog="graphprune", parents=[common],
+                                     description="Structured-pruning compiler passes for PyTorch and ONNX models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (configure, fn) in COMMANDS.items():
-        sp = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        sp = sub.add_parser(name, parents=[common], help=(fn.__doc__ or "").strip().splitlines()[0])
         configure(sp)
         sp.set_defaults(func=fn)
     return parser
+
+
+def _global_flags() -> argparse.ArgumentParser:
+    """``-v``/``-q``, accepted before or after the subcommand (defaults suppressed, so
+    the subcommand's parser does not overwrite a flag given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log pass summaries (-v) or details (-vv)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="log errors only (no warnings)")
+    return common
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    return [logging.WARNING, logging.INFO, logging.DEBUG][min(getattr(args, "verbose", 0), 2)]
 
 
 def _load_commands() -> None:
@@ -127,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import BudgetError, CheckInputError, PassOptionError, VerificationError
     from .graph import GraphError
 
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(message)s")
+    logging.basicConfig(level=_log_level(args), format="%(message)s")
     try:
         return args.func(args)
     except BrokenPipeError:  # `graphprune inspect m.onnx | head`: the reader left; stop quietly
@@ -135,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (PassOptionError, BudgetError, CheckInputError, GraphError, FileNotFoundError) as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # an unreadable input, a full disk, a folder that went away: one line naming the path
+        where = f" `{exc.filename}`" if exc.filename else ""
+        print(f"graphprune: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except VerificationError as exc:
         print(f"graphprune: check failed: {exc}", file=sys.stderr)

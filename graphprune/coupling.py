@@ -25,6 +25,7 @@ import numpy as np
 
 from .graph import Graph, Node, Port
 from .profile import stage
+from .names import resolve_names
 from .rules import Coupling, couple, seed_ports
 
 logger = logging.getLogger(__name__)
@@ -91,14 +92,16 @@ class CouplingAnalysis:
 def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
     """Walk the channel rules from every weighted producer and build the pruning groups.
 
-    ``ignore`` names nodes (module paths / ONNX node names) whose channels must stay.
+    ``ignore`` names nodes (node names, labels, module paths or prefixes, see
+    :func:`graphprune.names.resolve_names`) whose channels must stay; a name that
+    matches nothing raises :class:`PassOptionError` with close matches.
     """
     with stage("coupling"):
         return _analyse(graph, ignore)
 
 
 def _analyse(graph: Graph, ignore: Iterable[str]) -> CouplingAnalysis:
-    ignored = set(ignore)
+    ignored = resolve_names(graph, ignore)
     shared = _shared_params(graph)
     boundary = set(graph.inputs) | set(graph.outputs)
     g = nx.Graph()
@@ -120,7 +123,7 @@ def _analyse(graph: Graph, ignore: Iterable[str]) -> CouplingAnalysis:
         members[port] = []
         for node in _unique(touching):
             c = couple(graph, node, port)
-            if c.frozen is None and (node.label in ignored or node.name in ignored):
+            if c.frozen is None and node.name in ignored:
                 c.frozen = f"{node} is ignored"
             if c.frozen is None and c.slices and any(node.params.get(r) in shared for r, _ in c.slices):
                 key = next(node.params[r] for r, _ in c.slices if node.params.get(r) in shared)

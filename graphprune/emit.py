@@ -34,6 +34,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[str]
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise :class:`GraphError` naming ``path`` unless a file can be written there: not a
+    directory, its nearest existing folder a folder we can create files in (probed by
+    creating and removing a temporary file, which also catches read-only file systems
+    and root on them)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise GraphError(f"{what} `{path}` is a directory: give a file name, e.g. {os.path.join(path, 'model.onnx')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise GraphError(f"cannot write {what} `{path}`: `{folder}` is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".graphprune-probe-", dir=folder)
+    except OSError as exc:
+        raise GraphError(f"cannot write {what} `{path}`: {exc.strerror or exc} (folder `{folder}`)") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _umask() -> int:
     """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

@@ -156,7 +156,10 @@ class Graph:
     """A frontend-neutral, topologically ordered view with edit operations."""
 
     def __init__(self, frontend: Frontend) -> None:
+        from .emitted import EmittedModules
+
         self.frontend = frontend
+        self._emitted = EmittedModules()
         self._rebuild()
 
     # ----------------------------------------------------------------- reading
@@ -320,10 +323,17 @@ class Graph:
         to_module = getattr(self.frontend, "to_module", None)
         if to_module is None:
             raise GraphError(f"the {self.frontend.name} frontend cannot emit an nn.Module")
-        return to_module()
+        module = to_module()
+        self._emitted.add(module)
+        return module
 
     def to_onnx(self, path: str, **options: Any) -> None:
-        """Write the graph as an ONNX file (atomically)."""
+        """Write the graph as an ONNX file (atomically).  Refused while a module from
+        :meth:`to_module` has been changed (fine-tuned) since: the file would hold the
+        weights from before (see :mod:`graphprune.emitted`)."""
+        tuned = self._emitted.tuned_message(f"to_onnx(`{path}`)")
+        if tuned:
+            raise GraphError(tuned)
         with stage("emit"):
             self.frontend.to_onnx(path, **options)
 

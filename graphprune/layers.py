@@ -7,6 +7,7 @@ from typing import Collection, Iterator
 import numpy as np
 
 from .graph import Graph, Node
+from .names import resolve_names
 
 
 def label(node: Node) -> str:
@@ -24,6 +25,7 @@ def candidate_layers(
     """Yield ``(node, weight)`` for each node of ``kinds`` that may be rewritten alone;
     record in ``skipped`` why a transposed conv, an ignored layer, a layer whose weight
     is not a parameter or one whose weight is shared by several nodes is left alone."""
+    ignore = resolve_names(graph, ignore)
     users = Counter(key for node in graph.nodes for key in node.params.values())
     for node in graph.nodes:
         name = label(node)
@@ -32,7 +34,7 @@ def candidate_layers(
             continue
         if node.kind not in kinds:
             continue
-        if node.label in ignore or node.name in ignore:
+        if node.name in ignore:
             skipped[name] = "ignored"
             continue
         w = graph.node_param(node, "weight")

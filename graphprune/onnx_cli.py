@@ -19,23 +19,32 @@ between onnxruntime optimisation levels x 4, within [1e-5, 1e-4]:
 :func:`graphprune.verify.measured_tolerance`).  The printed line and ``--report`` give
 the error, the tolerance and the measured noise.
 
-Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input (no output written).
+A pass whose check fails has its inexact groups or layers frozen and the rest kept
+(:mod:`graphprune.freeze`; the summary and ``--report`` list them), unless
+``--no-freeze``.  A model onnxruntime cannot run (a custom op without a kernel) is
+optimized unverified, with a warning.  ``-o`` and ``--report`` are checked for
+writability before any work.
+
+Exit codes: 0 ok, 1 a check failed (no output written), 2 bad input or an I/O error (no
+output written; one line naming the path).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .arrays import as_numpy, is_torch_tensor
 from .cli_base import EXIT_OK, command, format_table
 from .graph import Graph, GraphError, Node
+from .pass_api import TARGET_OPTIONS
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
 from .probes import check_samples, parse_input_values
 from .verify import ExactnessCheck, measured_tolerance, reference_noise, relative_error
@@ -73,6 +82,10 @@ def _with_lossless(pipeline: str) -> str:
         name, brace, rest = item.partition("{")
         fields = {f.name for f in dataclasses.fields(get_pass(name.strip()))}
         body = rest[:-1].strip() if brace and rest.endswith("}") else rest
+        given = [o.strip() for o in _split_top(body) if o.partition("=")[0].strip() in TARGET_OPTIONS]
+        if given:
+            raise GraphError(f"--lossless conflicts with {', '.join(given)} in `{item.strip()}`: --lossless removes only "
+                             "structure that is already zero; drop one of them")
         if "lossless" in fields and "lossless=" not in body.replace(" ", ""):
             body = f"{body},lossless=true" if body else "lossless=true"
         items.append(f"{name.strip()}{{{body}}}" if body else name.strip())
@@ -108,6 +121,9 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance of the checks, relative to output scale (default: measured from the model's own "
                         "noise between onnxruntime optimisation levels, x4, within [1e-5, 1e-4])")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="refuse when a pass's check fails, instead of freezing the groups or layers responsible "
+                        "(found by bisection) and keeping the rest")
     p.add_argument("--external-data", action="store_true", help="store tensors in OUT.onnx.data (automatic above 1.5 GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -143,6 +159,7 @@ def optimize(args: argparse.Namespace) -> int:
     """Run a pass pipeline on an ONNX file and write the slimmed model."""
     from tqdm import tqdm
 
+    from .emit import check_writable
     from .frontends.onnx import load_onnx, save_model
 
     src, dst = args.input, args.output
@@ -150,6 +167,9 @@ def optimize(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such file: `{src}`")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise GraphError(f"-o `{dst}` is the input file: graphprune never overwrites its input, choose another path")
+    check_writable(dst, "-o")
+    if args.report:
+        check_writable(args.report, "--report")
     if args.check < 0:
         raise GraphError("--check must be 0 or more")
     if args.rtol is not None and not args.rtol > 0:
@@ -164,7 +184,8 @@ def optimize(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(passes) + 2, desc="load", file=sys.stderr, disable=args.no_progress or not sys.stderr.isatty(), leave=False)
     try:
         graph = load_onnx(src, shapes)
-        graph.frontend.session()  # fails early (exit 2) when onnxruntime cannot run the input
+        if args.check > 0 and not _runnable(graph):
+            args.check = 0  # nothing can check the rewrite: the ops around the unrunnable one still prune
         samples = check_samples(graph, args.check_inputs, values=parse_input_values(args.input_value), n=args.check)
         bar.update(1)
 
@@ -174,19 +195,44 @@ def optimize(args: argparse.Namespace) -> int:
 
         data = load_calibration(args.calibration, graph) if args.calibration else None
         manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless,
-                              check_inputs=samples, data=data)
+                              check_inputs=samples, data=data, freeze=not args.no_freeze)
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
         check = _Check(args, graph, result, samples)
-        save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
-                   protect=[src], check=check)
+        with _writing(dst):
+            save_model(result.graph.frontend.to_model(), dst, external_data=True if args.external_data else None,
+                       protect=[src], check=check)
         bar.update(1)
     finally:
         bar.close()
     _print_summary(graph, result, check, time.perf_counter() - started, dst)
     if args.report:
-        _write_report(args.report, args, [p.spec() for p in manager.passes], graph, result, check)
+        with _writing(args.report):
+            _write_report(args.report, args, [p.spec() for p in manager.passes], graph, result, check)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn an OS error while writing ``path`` (a full disk, a folder removed meanwhile)
+    into one line naming the user's path, not the temporary file's."""
+    try:
+        yield
+    except OSError as exc:
+        raise GraphError(f"cannot write `{path}`: {exc.strerror or exc}") from None
+
+
+def _runnable(graph: Graph) -> bool:
+    """Whether onnxruntime runs the input; if not (a custom-domain op it has no kernel
+    for), warn that the checks are skipped and return False."""
+    try:
+        graph.frontend.session()
+        return True
+    except GraphError as exc:
+        print(f"graphprune: warning: {exc}; the checks are skipped and the output is not verified numerically "
+              "(ops without a channel rule, such as custom-domain ops, keep their channels; --check 0 silences this)",
+              file=sys.stderr)
+        return False
 
 
 class _Check:
@@ -341,8 +387,8 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
         "pipeline": specs, "lossless": bool(args.lossless),
         "input_shapes": {k: list(v) for k, v in graph.frontend.input_shapes().items()},
         "passes": [
-            {"pass": spec, "modified": r.modified, "seconds": t, "records": r.records,
-             "check": c.as_dict() if c is not None else None}
+            {"pass": spec, "modified": r.modified, "no_change": r.no_change or None, "frozen": r.frozen,
+             "seconds": t, "records": r.records, "check": c.as_dict() if c is not None else None}
             for spec, r, t, c in zip(specs, result.results, result.timings, result.checks)
         ],
         "layers": layer_rows(graph, result.graph),
@@ -356,9 +402,14 @@ def _write_report(path: str, args: argparse.Namespace, specs: list[str], graph: 
 def _print_summary(graph: Graph, result: PipelineResult, check: _Check, seconds: float, dst: str) -> None:
     t = _totals(graph, result.graph)
     for r, secs in zip(result.results, result.timings):
-        print(f"{r.pass_name}: {'modified' if r.modified else 'no change'} ({secs:.2f}s)")
+        why = f": {r.no_change}" if not r.modified and r.no_change else ""
+        print(f"{r.pass_name}: {'modified' if r.modified else 'no change'}{why} ({secs:.2f}s)")
+        for unit, reason in r.frozen.items():
+            print(f"  froze {r.units.get(unit, unit)}: {reason}")
     print(f"MACs   {t['macs_before']:,} -> {t['macs_after']:,} ({t['macs_ratio']:.1%})")
     print(f"params {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.1%})")
+    if check.outcome is None:
+        print("check: skipped (--check 0, or onnxruntime cannot run the model)")
     if check.outcome is not None:
         print(f"check: {check.n} {check.inputs_from} through onnxruntime, max relative difference "
               f"{check.outcome.error:.2e} vs the {check.against}; tolerance {check.outcome.tolerance_text()}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Collection
 
 from .errors import BudgetError, PassOptionError, VerificationError
 from .graph import Graph, GraphError
@@ -29,14 +29,29 @@ class PassResult:
 
     ``projection`` is the decision as a change of weights of ``input_graph``;
     :meth:`reference` applies it, :meth:`projected_model` keeps it applied on a model.
+
+    ``units`` names the decision's independent parts (a pruning group, a layer) with what
+    each covers (those in ``frozen`` were not applied); ``redo(frozen)``, when the pass provides it, rewrites ``input_graph``
+    again with the same decision minus the ``frozen`` units.  ``frozen`` maps the units
+    left as they were to the reason (``"inexact here: max error 2e-04"``, filled by the
+    pass manager, :mod:`graphprune.freeze`); ``no_change`` says why nothing changed.
     """
 
-    graph: Graph
+    graph: Graph = field(repr=False)
     modified: bool
-    input_graph: Graph
-    projection: Projection = field(default_factory=Projection)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    input_graph: Graph = field(repr=False)
+    projection: Projection = field(default_factory=Projection, repr=False)
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
     pass_name: str = ""
+    units: dict[str, str] = field(default_factory=dict, repr=False)
+    frozen: dict[str, str] = field(default_factory=dict)
+    no_change: str = ""
+    redo: Callable[[Collection[str]], PassResult] | None = field(default=None, compare=False, repr=False)
+
+    def __repr__(self) -> str:
+        what = "modified" if self.modified else f"no change{': ' + self.no_change if self.no_change else ''}"
+        frozen = f", {len(self.frozen)} units frozen" if self.frozen else ""
+        return f"<{type(self).__name__} {self.pass_name or '?'}: {what}, {len(self.records)} records{frozen}>"
 
     def reference(self) -> Graph:
         """The input graph with projected weights: what ``graph`` must compute."""
@@ -48,7 +63,11 @@ class PassResult:
         return self.projection.projected_model(model)
 
     def summary(self) -> str:
-        return f"{self.pass_name}: {'modified' if self.modified else 'unchanged'}, {len(self.records)} records"
+        """One line: modified or why not, and what was frozen."""
+        if not self.modified:
+            return f"{self.pass_name}: no change" + (f" ({self.no_change})" if self.no_change else "")
+        frozen = f"; froze {len(self.frozen)} ({', '.join(self.frozen)})" if self.frozen else ""
+        return f"{self.pass_name}: modified, {len(self.records)} records{frozen}"
 
 
 @dataclass(frozen=True)
@@ -60,16 +79,45 @@ class Pass:
     """A pass that can use calibration data sets this; its ``call`` takes ``data=``."""
 
     def __call__(self, graph: Graph, data: Any = None) -> PassResult:
+        self.check_lossless()
         self.validate()
         self.requires(graph)
         self.requires_data(data)
         result = self.call(graph, data=data) if self.uses_data else self.call(graph)  # type: ignore[call-arg]
         result.pass_name = self.name
         self.ensures(result)
+        if not result.modified and not result.no_change:
+            result.no_change = self.why_unchanged(result)
         return result
+
+    def why_unchanged(self, result: PassResult) -> str:
+        """Why ``result`` changed nothing, from the layers the pass left alone
+        (``result.skipped``, layer -> reason) when it records them."""
+        skipped: dict[str, str] = getattr(result, "skipped", {}) or {}
+        lossless = bool(getattr(self, "is_lossless", getattr(self, "lossless", False)))
+        shown = "; ".join(f"{layer}: {why}" for layer, why in list(skipped.items())[:3])
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        alone = f"; {len(skipped)} layers left alone: {shown}{more}" if skipped else ""
+        if lossless:
+            return f"no structure is already zero or low-rank (the lossless setting removes only that){alone}"
+        return f"no layer qualified under {self.spec()}{alone}"
 
     def validate(self) -> None:
         """Check option values; raise :class:`PassOptionError` naming the option."""
+
+    def check_lossless(self) -> None:
+        """``lossless=true`` removes only structure that is already zero, so a target
+        (``ratio``, ``macs``, ``energy``, ``rank``) beside it would be silently ignored:
+        refuse the pair, naming both.  (``group-convs`` takes ``groups``/``budget`` with
+        ``lossless`` as a constraint: only lossless group counts.)"""
+        if not getattr(self, "lossless", False):
+            return
+        given = [f"{n}={getattr(self, n)}" for n in TARGET_OPTIONS if getattr(self, n, None) is not None]
+        if given:
+            raise PassOptionError(
+                f"{self.name}: lossless conflicts with {', '.join(given)} (lossless removes only what is already "
+                "zero; a target prunes more): give one of them"
+            )
 
     def requires(self, graph: Graph) -> None:
         """Precondition on the input graph."""
@@ -100,6 +148,9 @@ class Pass:
                 opts.append(f"{f.name}={_format_value(value)}")
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
+
+TARGET_OPTIONS = ("ratio", "macs", "energy", "rank")
+"""Options that set how much a pass removes; none may be given with ``lossless``."""
 
 PASSES: dict[str, type[Pass]] = {}
 

@@ -20,6 +20,7 @@ from .errors import BudgetError, CheckInputError, PassOptionError, VerificationE
 from .graph import Graph
 from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re-exported: they lived here first)
 from .probes import CheckInputs, check_samples
+from .freeze import can_freeze, freeze_inexact
 from .verify import ExactnessCheck, check_exact, refusal
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def make_pass(name: str, options: dict[str, Any]) -> Pass:
             raise PassOptionError(f"{name}: unknown option `{key}` (options: {', '.join(fields) or 'none'})")
         values[key] = _convert(name, key, raw, hints[key]) if isinstance(raw, str) else raw
     p = cls(**values)
+    p.check_lossless()
     p.validate()
     return p
 
@@ -146,6 +148,15 @@ class PipelineResult:
     def modified(self) -> bool:
         return any(r.modified for r in self.results)
 
+    @property
+    def frozen(self) -> dict[str, dict[str, str]]:
+        """Per pass that froze decision units: unit -> reason."""
+        return {r.pass_name: dict(r.frozen) for r in self.results if r.frozen}
+
+    def __repr__(self) -> str:
+        passes = ", ".join(repr(r) for r in self.results)
+        return f"<PipelineResult {'modified' if self.modified else 'no change'}: {self.graph!r}; [{passes}]>"
+
 
 class PassManager:
     """Runs passes in order and verifies between them.
@@ -159,14 +170,18 @@ class PassManager:
     :mod:`graphprune.probe_size`).  ``rtol`` None measures the tolerance per model from the
     reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
     is used as is.  ``lossless`` sets every pass that has the option to its lossless
-    setting; ``data`` (calibration batches, see
+    setting; ``freeze`` (default on) turns a failed check into a search for the decision
+    units responsible, which stay as they were (``PassResult.frozen`` names them and the
+    error each showed; :mod:`graphprune.freeze`) while the rest is kept, instead of a
+    :class:`VerificationError`.  ``data`` (calibration batches, see
     :func:`graphprune.training.criteria.calibration_batches`) goes to every pass that
     uses data (``Pass.uses_data``), e.g. ``prune-channels{criterion=kl}``.
     """
 
     def __init__(
         self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
-        check_inputs: CheckInputs | None = None, data: Any = None, probes: int = 2, small_probes: bool = True,
+        check_inputs: CheckInputs | None = None, data: Any = None, freeze: bool = True, probes: int = 2,
+        small_probes: bool = True,
     ) -> None:
         if probes < 1:
             raise PassOptionError(f"probes must be at least 1, got {probes}")
@@ -175,8 +190,13 @@ class PassManager:
         self.rtol = rtol
         self.check_inputs = check_inputs
         self.data = data
+        self.freeze = freeze
         self.probes = probes
         self.small_probes = small_probes
+
+    def _check(self, result: PassResult, samples: list[list[Any]]) -> ExactnessCheck:
+        return check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples,
+                           shrink=self.small_probes and self.check_inputs is None)
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         results, timings, checks = [], [], []
@@ -189,10 +209,12 @@ class PassManager:
             logger.info("%s: %s in %.2fs", p.spec(), "modified" if result.modified else "no change", timings[-1])
             check = None
             if self.verify and result.modified:
-                check = check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples,
-                                    shrink=self.small_probes and self.check_inputs is None)
+                check = self._check(result, samples)
                 logger.info("%s: error %.2e, tolerance %s", p.spec(), check.error, check.tolerance_text())
-                if not check.passed:
+                if not check.passed and self.freeze and can_freeze(p, result):
+                    result, check = freeze_inexact(p, current, result, lambda r: self._check(r, samples), self.data)
+                    timings[-1] = time.perf_counter() - start
+                elif not check.passed:
                     raise VerificationError(refusal(check, p.spec()))
             results.append(result)
             checks.append(check)
@@ -210,8 +232,8 @@ def _with_lossless(p: Pass) -> Pass:
 
 def run(
     graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
-    lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, probes: int = 2,
-    small_probes: bool = True,
+    lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, freeze: bool = True,
+    probes: int = 2, small_probes: bool = True,
 ) -> PipelineResult:
     """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
 
@@ -221,7 +243,9 @@ def run(
     array with samples along a leading axis, or a list of samples; see
     :mod:`graphprune.probes`), default ``probes`` random probes (2), spatially cropped
     where every op still sees a full window (``small_probes``); ``rtol`` None measures the tolerance
-    from the model's own float noise, a number is used as is.
+    from the model's own float noise, a number is used as is.  ``freeze`` (default on)
+    freezes the decision units whose rewrite fails the check and keeps the rest
+    (:mod:`graphprune.freeze`); off, a failed check raises :class:`VerificationError`.
     """
     if isinstance(pipeline, str):
         passes = parse_pipeline(pipeline)
@@ -229,5 +253,6 @@ def run(
         passes = [pipeline]
     else:
         passes = list(pipeline)
-    return PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data,
-                       probes=probes, small_probes=small_probes).run(graph)
+    manager = PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data,
+                          freeze=freeze, probes=probes, small_probes=small_probes)
+    return manager.run(graph)

@@ -418,7 +418,9 @@ def reshape_rule(graph: Graph, node: Node, port: Port) -> Coupling:
 
 
 def _reshape_segments(sx: tuple[int, ...], sy: tuple[int, ...]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
-    """Pair minimal runs of input and output axes with equal products."""
+    """Pair minimal runs of input and output axes with equal products; size-1 axes left
+    over at the end (the dynamo exporter's ``view`` of a pooled ``(N, C, 1, 1)`` as
+    ``(N, C)``) join the last run."""
     segs = []
     i = j = 0
     while i < len(sx) and j < len(sy):
@@ -438,8 +440,11 @@ def _reshape_segments(sx: tuple[int, ...], sy: tuple[int, ...]) -> list[tuple[tu
         segs.append(((i0, i), (j0, j)))
         i += 1
         j += 1
-    if i != len(sx) or j != len(sy):
+    if not segs or any(d != 1 for d in (*sx[i:], *sy[j:])):
         return None
+    if i < len(sx) or j < len(sy):  # trailing size-1 axes, (1, 512, 1, 1) -> (1, 512): they join the last run
+        (a0, _), (b0, _) = segs[-1]
+        segs[-1] = ((a0, len(sx) - 1), (b0, len(sy) - 1))
     return segs
 
 

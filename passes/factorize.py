@@ -339,7 +339,19 @@ def _linear_macs_model(graph: Graph, node: Node, out_f: int, in_f: int) -> tuple
 @register_pass
 @dataclass(frozen=True)
 class Factorize(Pass):
-    """Replace convs and linears by two thinner layers from a truncated SVD."""
+    """Replace convs and linears by two thinner layers from a truncated SVD.
+
+    Options:
+        energy: per layer, the smallest rank keeping this fraction of the squared
+            singular values, in (0, 1].
+        rank: per layer, this rank (or the layer's rank if lower).
+        macs: keep at most this fraction of the model's MACs, in (0, 1]; ranks are lowered
+            where the least energy is lost per MAC saved.
+        scheme: `channel` (k x k conv then 1x1) or `spatial` (k x 1 conv then 1 x k; 2-d convs).
+        ignore: layers left alone (node names, module paths or prefixes).
+        lossless: drop only singular values that are zero to float32 precision (the
+            default when no energy, rank or macs is given).
+    """
 
     name = "factorize"
     energy: float | None = None

@@ -78,6 +78,7 @@ from graphprune.channels import reindex_params
 from graphprune.cost import node_macs
 from graphprune.coupling import PruningGroup, analyse
 from graphprune.graph import Graph, Node, Port
+from graphprune.names import resolve_names
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
 from graphprune.projection import Projection
 
@@ -140,7 +141,7 @@ def _why_not_eligible(graph: Graph, node: Node, ignore: set[str], shared: set[st
     """Why ``node`` cannot become a grouped conv, or ``None`` if it can."""
     if node.kind != "conv":
         return "not a conv"
-    if node.label in ignore or node.name in ignore:
+    if node.name in ignore:
         return "ignored"
     if int(node.attrs.get("groups", 1)) != 1:
         return "already grouped (skipped, not refined)"
@@ -165,7 +166,24 @@ def _conv_params(graph: Graph, node: Node) -> int:
 @dataclass(frozen=True)
 class GroupConvs(Pass):
     """Turn dense convs into grouped convs, folding the channel permutations into the
-    neighbouring layers (see the module docstring for the cases handled and refused)."""
+    neighbouring layers (see the module docstring for the cases handled and refused).
+
+    Options:
+        groups: give every eligible conv this many groups (where it divides both channel counts).
+        budget: search group counts per conv keeping at most this fraction of the convs'
+            budget_unit, in (0, 1].
+        budget_unit: what budget counts: params, macs or latency (onnxruntime, CPU).
+        max_groups: largest group count considered.
+        min_channels_per_group: fewest input (and output) channels per group.
+        ns: alternating sorts per block of the permutation heuristic.
+        criterion: pair score: l2, l1, or taylor (needs data, gradients or scores).
+        lossless: only group counts whose off-block weight is exactly zero (alone: the
+            largest per conv; with groups or budget: restricts their candidates).
+        fold: fold the permutations into neighbouring layers (false: a gather for each).
+        ignore: convs left dense (node names, module paths or prefixes).
+        gradients: Python only: {weight key: dL/dW} for criterion=taylor.
+        scores: Python only: {weight key: F x C pair scores} for criterion=taylor.
+    """
 
     name = "group-convs"
     uses_data: ClassVar[bool] = True
@@ -247,7 +265,7 @@ class GroupConvs(Pass):
     # ---------------------------------------------------------------- layers
     def _layers(self, graph: Graph) -> list[_Layer]:
         """Eligible convs with their candidate group counts and block solutions."""
-        ignore, shared = set(self.ignore), _shared_keys(graph)
+        ignore, shared = resolve_names(graph, self.ignore), _shared_keys(graph)
         out = []
         for node in graph.nodes:
             why = _why_not_eligible(graph, node, ignore, shared)

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection
 
 import numpy as np
 
@@ -58,7 +59,21 @@ logger = logging.getLogger(__name__)
 @register_pass
 @dataclass(frozen=True)
 class PruneChannels(Pass):
-    """Remove the least important channel classes of every pruning group."""
+    """Remove the least important channel classes of every pruning group.
+
+    Options:
+        ratio: fraction of each group's prunable channel classes to remove, in [0, 1)
+            (with scope=global: of all prunable classes).
+        macs: keep at most this fraction of the model's MACs, in (0, 1]; classes go in
+            global score order.
+        scope: `group` (ratio per group) or `global` (one ranking over all groups).
+        criterion: channel score: l1, l2, bn_scale, or kl / taylor (need calibration data).
+        round_to: keep a multiple of this many classes per group.
+        min_keep: keep at least this many classes per group.
+        ignore: layers whose channels stay (node names, module paths such as `fc` or
+            `layer1.0.conv1`, or module prefixes; `;`-separated on the command line).
+        lossless: remove only channels that are provably zero (output unchanged).
+    """
 
     name = "prune-channels"
     uses_data: ClassVar[bool] = True
@@ -99,6 +114,15 @@ class PruneChannels(Pass):
         analysis = analyse(graph, ignore=self.ignore)
         keep = self.decide(graph, analysis, data)
         keep = {gid: k for gid, k in keep.items() if not k.all()}
+        result = self._rewrite(graph, analysis, keep)
+        if not keep:
+            result.no_change = _why_nothing(graph, analysis, self.lossless)
+        return result
+
+    def _rewrite(self, graph: Graph, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> PassResult:
+        """Remove the classes ``keep`` drops (per group id) from a copy of ``graph``.  The
+        result's decision units are the groups; ``redo(frozen)`` rewrites again without the
+        frozen groups (same decision for the others)."""
         with stage("rewrite"):
             projection = channel_projection(graph, analysis, keep)
         work = graph.copy()
@@ -106,7 +130,15 @@ class PruneChannels(Pass):
             removed = remove_channels(work, analysis, keep) if keep else 0
         records = self._records(analysis, keep)
         logger.info("prune-channels: removed %d channels in %d groups", removed, len(keep))
-        return PassResult(work, bool(removed), graph, projection, records)
+        result = PassResult(work, bool(removed), graph, projection, records)
+        groups = {g.id: g for g in analysis.groups}
+        result.units = {_unit(gid): f"{_unit(gid)} {_layers(groups[gid])}" for gid in keep}
+
+        def redo(frozen: Collection[str]) -> PassResult:
+            return self._rewrite(graph, analysis, {gid: k for gid, k in keep.items() if _unit(gid) not in frozen})
+
+        result.redo = redo
+        return result
 
     def _records(self, analysis: CouplingAnalysis, keep: dict[int, np.ndarray]) -> list[dict]:
         out = []
@@ -242,6 +274,55 @@ class PruneChannels(Pass):
             else:
                 lo = mid + 1
         return self._cut(groups, order, lo)
+
+
+def _unit(gid: int) -> str:
+    return f"group {gid}"
+
+
+def _layers(group: PruningGroup) -> str:
+    """``[conv1, bn1, conv2 (+3)]``: the layers whose parameters the group slices."""
+    text = group.describe()
+    return text[text.index("["):]
+
+
+def _why_nothing(graph: Graph, analysis: CouplingAnalysis, lossless: bool) -> str:
+    """Why no channel was removed: no group, every group frozen (with the commonest
+    reasons), or (lossless) no channel provably zero, naming the constant channels (zero
+    filter, nonzero bias) that lossless cannot remove."""
+    if not analysis.groups:
+        return "no pruning groups (no conv or linear produces channels)"
+    if not any(g.prunable.any() for g in analysis.groups):
+        counts = Counter(r for g in analysis.groups for r in g.reasons.values())
+        main = "; ".join(f"{r} ({n}x)" for r, n in counts.most_common(3))
+        return f"every group is frozen ({len(analysis.groups)} groups): {main}"
+    if lossless:
+        constant = _constant_channels(graph, analysis)
+        if constant:
+            return (f"no prunable channel is zero; {constant} channels have an all-zero filter but a nonzero bias, "
+                    "so they output a constant, not zero (a batchnorm folded after zeroed conv weights gives "
+                    "bias' = beta - mean * gamma / sqrt(var + eps)): zero the batchnorm's scale and shift instead, "
+                    "or prune them with a ratio")
+        return "no prunable channel is zero (lossless removes only channels that are provably zero)"
+    return "the target removes no channel (ratio too small for the groups, or min_keep/round_to keep them)"
+
+
+def _constant_channels(graph: Graph, analysis: CouplingAnalysis) -> int:
+    """How many prunable produced channels have an all-zero weight slice and a nonzero bias."""
+    count = 0
+    for g in analysis.groups:
+        for port, members in g.members.items():
+            for m in members:
+                if m.coupling.role != "produce" or "bias" not in m.node.params:
+                    continue
+                axes = dict(m.coupling.slices)
+                w, b = graph.node_param(m.node, "weight"), graph.node_param(m.node, "bias")
+                if w is None or b is None or "weight" not in axes:
+                    continue
+                w = np.moveaxis(np.asarray(w), axes["weight"], 0).reshape(g.sizes[port], -1)
+                zero_filter = (w == 0).all(1) & (np.asarray(b).reshape(-1) != 0) & g.prunable[g.class_of[port]]
+                count += int(zero_filter.sum())
+    return count
 
 
 def _keep_every_port(group: PruningGroup, keep: np.ndarray) -> np.ndarray:

@@ -190,7 +190,19 @@ class _Layer:
 @dataclass(frozen=True)
 class ShrinkKernels(Pass):
     """Drop outer kernel rings (``k -> k-2``, pads ``p -> p-d``) where they are zero,
-    negligible, or cheapest to lose under a MAC budget."""
+    negligible, or cheapest to lose under a MAC budget.
+
+    Options:
+        energy: per layer, drop rings while their share of the squared weights stays at
+            most this, in [0, 1).
+        macs: keep at most this fraction of the model's MACs, in (0, 1]; the ring with the
+            least energy share per MAC saved goes first.
+        per_axis: also drop two rows or two columns alone (3x3 -> 1x3).
+        crop: allow steps that need a crop of the input (padding smaller than the shrink).
+        fold: fold a depthwise conv shrunk to 1x1 into the conv that reads it.
+        ignore: layers left alone (node names, module paths or prefixes).
+        lossless: drop only rings that are exactly zero (the default without energy or macs).
+    """
 
     name = "shrink-kernels"
     energy: float | None = None

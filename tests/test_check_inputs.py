@@ -169,7 +169,9 @@ def test_random_probes_refuse_an_exact_rewrite_that_the_new_probes_accept(vad_pa
     graph = gp.load_onnx(vad_path)
     old = [old_random_probes(seed) for seed in range(2)]
     with pytest.raises(gp.VerificationError, match="differs from the projected reference"):
-        gp.run(graph, FACTORIZE, check_inputs=old)
+        gp.run(graph, FACTORIZE, check_inputs=old, freeze=False)
+    frozen = gp.run(graph, FACTORIZE, check_inputs=old).results[0]  # by default the layers responsible freeze
+    assert frozen.frozen and all(r.startswith("inexact here: max error") for r in frozen.frozen.values())
     result = gp.run(graph, FACTORIZE)  # zero state, sr = 16000
     step = result.results[0]
     assert step.modified and result.checks[0].error < 1e-6
@@ -187,8 +189,11 @@ def test_random_probes_refuse_an_exact_rewrite_that_the_new_probes_accept(vad_pa
     bad = str(tmp_path / "random.npz")
     np.savez(bad, x=np.stack([np.asarray(s[0]) for s in old]), state=np.stack([np.asarray(s[1]) for s in old]), sr=np.int64(0))
     code, _, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "no.onnx"), "-p", FACTORIZE,
-                       "--check-inputs", bad, "--no-progress")
+                       "--check-inputs", bad, "--no-progress", "--no-freeze")
     assert code == 1 and "differs" in err and not os.path.exists(tmp_path / "no.onnx")
+    code, stdout, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "frozen.onnx"), "-p", FACTORIZE,
+                            "--check-inputs", bad, "--no-progress")
+    assert code == 0 and "froze" in stdout and "inexact here" in stdout, err
 
 
 def test_check_inputs_file_and_input_values(vad_path: str, tmp_path, capsys) -> None:
@@ -208,8 +213,11 @@ def test_check_inputs_file_and_input_values(vad_path: str, tmp_path, capsys) -> 
     keyed = str(tmp_path / "keyed.npz")
     np.savez(keyed, **{"x:0": xs[0], "x:1": xs[1]}, state=np.zeros((1, 8, 16, 16), np.float32))
     code, _, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "b.onnx"), "-p", FACTORIZE,
-                       "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress")
+                       "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress", "--no-freeze")
     assert code == 1 and "on 2 inputs" in err and "tolerance 0.0001 (measured" in err
+    code, stdout, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "b.onnx"), "-p", FACTORIZE,
+                            "--check-inputs", keyed, "--input-value", "sr=8000", "--no-progress")
+    assert code == 0 and "inexact here" in stdout, err  # by default the layers responsible are frozen
     # --input-value alone fixes an input in every probe
     code, _, err = cli(capsys, "optimize", vad_path, "-o", str(tmp_path / "c.onnx"), "-p", FACTORIZE,
                        "--input-value", "state=0", "--input-value", "sr=16000", "--check", "2", "--no-progress")
@@ -280,7 +288,7 @@ def test_deep_model_noise_sets_the_tolerance(deep_path: str, tmp_path, capsys) -
     assert "model noise" in stdout
     # an explicit --rtol still wins: the fixed 1e-5 refuses the same exact rewrite
     code, _, err = cli(capsys, "optimize", deep_path, "-o", str(tmp_path / "fixed.onnx"), "-p", DEEP_FACTORIZE,
-                       "--rtol", "1e-5", "--no-progress")
+                       "--rtol", "1e-5", "--no-progress", "--no-freeze")
     assert code == 1 and "tolerance 1e-05" in err
 
 
@@ -301,6 +309,7 @@ def test_inexact_rewrite_is_still_refused_with_the_measured_tolerance(deep_path:
 
     monkeypatch.setattr(Factorize, "call", corrupt_one_weight)
     with pytest.raises(gp.VerificationError, match=r"measured: model noise"):
-        gp.run(gp.load_onnx(deep_path), DEEP_FACTORIZE)
-    code, _, err = cli(capsys, "optimize", deep_path, "-o", str(tmp_path / "bad.onnx"), "-p", DEEP_FACTORIZE, "--no-progress")
+        gp.run(gp.load_onnx(deep_path), DEEP_FACTORIZE, freeze=False)
+    code, _, err = cli(capsys, "optimize", deep_path, "-o", str(tmp_path / "bad.onnx"), "-p", DEEP_FACTORIZE,
+                       "--no-progress", "--no-freeze")
     assert code == 1 and "differs" in err and not os.path.exists(tmp_path / "bad.onnx")

@@ -23,7 +23,7 @@ def test_demo_bad_pipeline_exit_code(tmp_path, capsys) -> None:
 
 def test_passes_lists_options(capsys) -> None:
     assert main(["passes"]) == 0
-    assert "prune-channels{ratio=None" in capsys.readouterr().out
+    assert "prune-channels{ratio=none" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("broken", ["reference", "onnxruntime"])

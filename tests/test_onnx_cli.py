@@ -187,10 +187,21 @@ def test_bad_input_shape_and_pipeline(model_path: str, tmp_path, capsys) -> None
 
 
 def test_custom_domain_op_onnxruntime_cannot_run(tmp_path, capsys) -> None:
+    """An op onnxruntime has no kernel for: the checks are skipped with a warning (or
+    silently with --check 0), the op's channels stay, the convs before it prune."""
     path = str(tmp_path / "custom.onnx")
     onnx.save(custom_op_model("my.company", "Mystery"), path)
-    err = _bad(capsys, tmp_path, path, "-p", "prune-channels{ratio=0.3}")
-    assert "onnxruntime cannot run" in err and "custom.onnx" in err
+    for extra, warned in (((), True), (("--check", "0"), False)):
+        out = str(tmp_path / f"custom-slim{len(extra)}.onnx")
+        code, stdout, err = cli(capsys, "optimize", path, "-o", out, "-p", "prune-channels{ratio=0.5}", "--no-progress", *extra)
+        assert code == 0, err
+        assert ("onnxruntime cannot run `" in err and "checks are skipped" in err) == warned, err
+        assert "check: skipped" in stdout and "modified" in stdout
+        saved = onnx.load(out)
+        onnx.checker.check_model(saved)
+        dims = {i.name: list(i.dims) for i in saved.graph.initializer}
+        assert dims["w1"] == [4, 3, 3, 3] and dims["w2"] == [8, 4, 1, 1]  # conv2's output feeds the custom op: kept
+        assert any(n.op_type == "Mystery" and n.domain == "my.company" for n in saved.graph.node)
 
 
 def test_contrib_op_model_optimizes_around_it(tmp_path, capsys) -> None:
