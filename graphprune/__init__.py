@@ -74,7 +74,9 @@ def __getattr__(name: str) -> Any:
             f"(the ONNX path - load_onnx, run, `graphprune optimize` and `inspect` - works without it)",
             name=exc.name,
         ) from exc
-    globals()[name] = value
+    for other, source in (*_CORE_NAMES.items(), *_TORCH_NAMES.items()):
+        if source == module:  # every name of that module: importing `.apply` bound the
+            globals()[other] = getattr(importlib.import_module(module, __name__), other)  # module to `apply`
     return value
 
 

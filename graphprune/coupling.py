@@ -25,6 +25,7 @@ import numpy as np
 
 from . import attention_rules, reshape_rules  # noqa: F401  (they register their rules)
 from .graph import Graph, Node, Port
+from .profile import stage
 from .names import resolve_names
 from .rules import Coupling, couple, seed_ports
 
@@ -103,6 +104,11 @@ def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
     :func:`graphprune.names.resolve_names`) whose channels must stay; a name that
     matches nothing raises :class:`PassOptionError` with close matches.
     """
+    with stage("coupling"):
+        return _analyse(graph, ignore)
+
+
+def _analyse(graph: Graph, ignore: Iterable[str]) -> CouplingAnalysis:
     ignored = resolve_names(graph, ignore)
     shared = _shared_params(graph)
     boundary = set(graph.inputs) | set(graph.outputs)
@@ -142,9 +148,14 @@ def analyse(graph: Graph, ignore: Iterable[str] = ()) -> CouplingAnalysis:
         g.add_edge(a, b)
 
     groups = []
-    for i, comp in enumerate(sorted(nx.connected_components(g), key=lambda c: min(str(p) for p in c))):
+    components = sorted(nx.connected_components(g), key=lambda c: min(str(p) for p in c))
+    component_of = {p: i for i, comp in enumerate(components) for p in comp}
+    edges_of: list[list[tuple[Port, Port, np.ndarray | None]]] = [[] for _ in components]
+    for edge in edges:  # each edge once, to the group of its ports (not a scan per group)
+        edges_of[component_of[edge[0]]].append(edge)
+    for i, comp in enumerate(components):
         ports = sorted(comp, key=lambda p: (p.value, p.axis))
-        groups.append(_build_group(graph, i, ports, members, reasons, edges))
+        groups.append(_build_group(graph, i, ports, members, reasons, edges_of[i]))
     logger.debug("coupling analysis: %d groups", len(groups))
     return CouplingAnalysis(groups, g)
 
@@ -179,11 +190,8 @@ def _build_group(
     for p in ports:
         base[p] = total
         total += sizes[p]
-    port_set = set(ports)
     src, dst = [], []
-    for a, b, m in edges:
-        if a not in port_set:
-            continue
+    for a, b, m in edges:  # the group's own edges
         ia = base[a] + np.arange(sizes[a])
         ib = base[b] + (np.arange(sizes[a]) if m is None else np.asarray(m))
         src.append(ia)

@@ -59,6 +59,8 @@ import numpy as np
 
 from .arrays import as_numpy
 
+from .profile import stage
+
 
 class GraphError(Exception):
     """A graph that graphprune cannot read, edit or verify; the message names the node."""
@@ -170,6 +172,10 @@ class Graph:
 
     # ----------------------------------------------------------------- reading
     def _rebuild(self) -> None:
+        with stage("view"):
+            self._read_view()
+
+    def _read_view(self) -> None:
         nodes, values, inputs, outputs = self.frontend.view()
         self.nodes: list[Node] = nodes
         self.values: dict[str, ValueInfo] = values
@@ -268,7 +274,8 @@ class Graph:
         self._rebuild()
 
     def copy(self) -> "Graph":
-        return Graph(self.frontend.copy())
+        with stage("copies"):
+            return Graph(self.frontend.copy())
 
     # --------------------------------------------------------------- executing
     def run(self, *inputs: Any) -> list[Any]:
@@ -335,7 +342,8 @@ class Graph:
         tuned = self._emitted.tuned_message(f"to_onnx(`{path}`)")
         if tuned:
             raise GraphError(tuned)
-        self.frontend.to_onnx(path, **options)
+        with stage("emit"):
+            self.frontend.to_onnx(path, **options)
 
     save_onnx = to_onnx
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Collection
 
 from .errors import BudgetError, PassOptionError, VerificationError
 from .graph import Graph, GraphError
+from .profile import stage
 from .projection import Projection
 
 __all__ = [
@@ -54,7 +55,8 @@ class PassResult:
 
     def reference(self) -> Graph:
         """The input graph with projected weights: what ``graph`` must compute."""
-        return self.projection.apply(self.input_graph)
+        with stage("verify"):
+            return self.projection.apply(self.input_graph)
 
     def projected_model(self, model: Any) -> Any:
         """A trainable copy of ``model`` (the traced original) with the projection held."""

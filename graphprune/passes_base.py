@@ -163,7 +163,11 @@ class PassManager:
 
     ``verify`` (default on) checks each result against its projected reference on the
     check inputs: ``check_inputs`` (the user's own, see :func:`graphprune.probes.check_samples`)
-    or two default probes.  ``rtol`` None measures the tolerance per model from the
+    or ``probes`` default probes (random inputs, two unless told; see
+    :func:`graphprune.verify.check_exact` for why one already proves exactness almost
+    surely and the second guards against an unlucky draw), cropped to a smaller spatial
+    size where that still exercises every op (``small_probes``, see
+    :mod:`graphprune.probe_size`).  ``rtol`` None measures the tolerance per model from the
     reference's own float noise (:func:`graphprune.verify.measured_tolerance`); a number
     is used as is.  ``lossless`` sets every pass that has the option to its lossless
     setting; ``freeze`` (default on) turns a failed check into a search for the decision
@@ -176,21 +180,27 @@ class PassManager:
 
     def __init__(
         self, passes: Sequence[Pass], verify: bool = True, rtol: float | None = None, lossless: bool = False,
-        check_inputs: CheckInputs | None = None, data: Any = None, freeze: bool = True,
+        check_inputs: CheckInputs | None = None, data: Any = None, freeze: bool = True, probes: int = 2,
+        small_probes: bool = True,
     ) -> None:
+        if probes < 1:
+            raise PassOptionError(f"probes must be at least 1, got {probes}")
         self.passes = [_with_lossless(p) if lossless else p for p in passes]
         self.verify = verify
         self.rtol = rtol
         self.check_inputs = check_inputs
         self.data = data
         self.freeze = freeze
+        self.probes = probes
+        self.small_probes = small_probes
 
     def _check(self, result: PassResult, samples: list[list[Any]]) -> ExactnessCheck:
-        return check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples)
+        return check_exact(result.graph, result.reference(), rtol=self.rtol, inputs=samples,
+                           shrink=self.small_probes and self.check_inputs is None)
 
     def run(self, graph: Graph, progress: Any = None) -> PipelineResult:
         results, timings, checks = [], [], []
-        samples = check_samples(graph, self.check_inputs) if self.verify else []
+        samples = check_samples(graph, self.check_inputs, n=self.probes) if self.verify else []
         current = graph
         for p in self.passes:
             start = time.perf_counter()
@@ -223,6 +233,7 @@ def _with_lossless(p: Pass) -> Pass:
 def run(
     graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
     lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, freeze: bool = True,
+    probes: int = 2, small_probes: bool = True,
 ) -> PipelineResult:
     """Run a pipeline (string, pass list or one pass) on ``graph``; verify between passes.
 
@@ -230,7 +241,8 @@ def run(
     a mapping of input name to array, or an iterable of those, e.g. a ``DataLoader``).
     ``check_inputs`` are the inputs to verify on (an ``.npz`` path, a mapping name ->
     array with samples along a leading axis, or a list of samples; see
-    :mod:`graphprune.probes`), default two probes; ``rtol`` None measures the tolerance
+    :mod:`graphprune.probes`), default ``probes`` random probes (2), spatially cropped
+    where every op still sees a full window (``small_probes``); ``rtol`` None measures the tolerance
     from the model's own float noise, a number is used as is.  ``freeze`` (default on)
     freezes the decision units whose rewrite fails the check and keeps the rest
     (:mod:`graphprune.freeze`); off, a failed check raises :class:`VerificationError`.
@@ -242,5 +254,5 @@ def run(
     else:
         passes = list(pipeline)
     manager = PassManager(passes, verify=verify, rtol=rtol, lossless=lossless, check_inputs=check_inputs, data=data,
-                          freeze=freeze)
+                          freeze=freeze, probes=probes, small_probes=small_probes)
     return manager.run(graph)

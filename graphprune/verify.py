@@ -27,6 +27,7 @@ import numpy as np
 from .arrays import as_numpy
 from .graph import Graph
 from .errors import VerificationError
+from .profile import stage
 
 __all__ = [
     "ExactnessCheck", "NOISE_FACTOR", "RTOL_CAP", "RTOL_FLOOR", "assert_exact", "check_exact", "compare",
@@ -131,18 +132,44 @@ class ExactnessCheck:
 
 def check_exact(
     graph: Graph, reference: Graph, rtol: float | None = None, n: int = 2, inputs: Samples | None = None,
-    always_measure: bool = False,
+    always_measure: bool = False, shrink: bool = False,
 ) -> ExactnessCheck:
     """Compare ``graph`` with ``reference``; ``rtol`` None measures the tolerance from the
     reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
     measured only when the error exceeds the floor (below it the tolerance cannot
-    matter), unless ``always_measure`` (reports that show it)."""
-    samples = _samples(reference, n, 0, inputs)
-    error = compare(graph, reference, inputs=samples)
-    if rtol is not None:
-        return ExactnessCheck(error, rtol, None, len(samples), measured=False)
-    noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
+    matter), unless ``always_measure`` (reports that show it).  ``shrink`` first checks on
+    the samples cropped to the smallest spatial size at which every conv and pool still
+    sees a full window (:mod:`graphprune.probe_size`, which states why that proves the
+    same), and on the samples as given when the graphs cannot run at that size.
+
+    One random probe already proves exactness almost surely: the difference of the two
+    graphs is a piecewise-analytic function of the input, so unless it is zero on a
+    whole region a random input lands where it is not; ``n`` more probes (each an
+    independent draw) guard against an unlucky draw near a region's boundary."""
+    with stage("verify"):
+        samples = _samples(reference, n, 0, inputs)
+        error = _compare_small(graph, reference, samples) if shrink else None
+        if error is None:
+            error = compare(graph, reference, inputs=samples)
+        if rtol is not None:
+            return ExactnessCheck(error, rtol, None, len(samples), measured=False)
+        noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
+
+
+def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | None:
+    """The error on the cropped samples, or None when there are none or a graph cannot
+    run at that size (then the caller checks at the captured size)."""
+    from .probe_size import reduced_samples
+
+    small = reduced_samples(reference, samples)
+    if small is None:
+        return None
+    try:
+        return compare(graph, reference, inputs=small)
+    except Exception as exc:  # a size the model's code fixes: check at the captured size
+        logger.debug("check at a smaller size failed (%s); checking at the captured size", exc)
+        return None
 
 
 def assert_exact(

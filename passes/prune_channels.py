@@ -54,11 +54,12 @@ from typing import Any, ClassVar, Collection
 import numpy as np
 
 from graphprune.channels import channel_projection, kept_indices, provably_zero_classes, remove_channels, unread_classes
-from graphprune.cost import graph_cost
 from graphprune.coupling import CouplingAnalysis, PruningGroup, analyse
 from graphprune.graph import Graph, Port
 from graphprune.importance import CRITERIA, Importance, get_importance, needs_data
 from graphprune.pass_api import BudgetError, Pass, PassOptionError, PassResult, register_pass
+from graphprune.profile import stage
+from graphprune.search import MacCounter
 
 __all__ = ["PruneChannels"]
 
@@ -139,9 +140,11 @@ class PruneChannels(Pass):
         """Remove the classes ``keep`` drops (per group id) from a copy of ``graph``.  The
         result's decision units are the groups; ``redo(frozen)`` rewrites again without the
         frozen groups (same decision for the others)."""
-        projection = channel_projection(graph, analysis, keep)
+        with stage("rewrite"):
+            projection = channel_projection(graph, analysis, keep)
         work = graph.copy()
-        removed = remove_channels(work, analysis, keep) if keep else 0
+        with stage("rewrite"):
+            removed = remove_channels(work, analysis, keep) if keep else 0
         records = self._records(analysis, keep)
         logger.info("prune-channels: removed %d channels in %d groups", removed, len(keep))
         result = PassResult(work, bool(removed), graph, projection, records)
@@ -199,11 +202,13 @@ class PruneChannels(Pass):
                     keep[g.id] = self._finish(g, k, np.nonzero(~k)[0].tolist())
             return keep
         score_fn = self.importance(data)
-        scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
+        with stage("scoring"):
+            scores = {g.id: score_fn(graph, g) for g in analysis.groups if g.prunable.any()}
         groups = {g.id: g for g in analysis.groups}
         normalise = not getattr(score_fn, "comparable", False)
         if self.macs is not None:
-            return self._decide_macs(graph, analysis, scores, normalise)
+            with stage("search"):
+                return self._decide_macs(graph, analysis, scores, normalise)
         if self.scope == "global":
             order = self._global_order(groups, scores, normalise)
             total = sum(int(groups[gid].prunable.sum()) for gid in scores)
@@ -280,13 +285,14 @@ class PruneChannels(Pass):
         self, graph: Graph, analysis: CouplingAnalysis, scores: dict[int, np.ndarray], normalise: bool = True
     ) -> dict[int, np.ndarray]:
         groups = {g.id: g for g in analysis.groups}
-        base = graph_cost(graph, with_params=False).macs
+        counter = MacCounter(graph, (p for g in analysis.groups for p in g.ports))
+        base = counter.total
         target = self.macs * base  # type: ignore[operator]
         order = self._global_order(groups, scores, normalise)
 
         def macs_after(n: int) -> int:
             keep = self._cut(groups, order, n)
-            return graph_cost(graph, _sizes(groups, keep), with_params=False).macs
+            return counter.macs(_sizes(groups, keep))
 
         floor_macs = macs_after(len(order))
         if floor_macs > target:

@@ -22,7 +22,6 @@ The captured graph is in eval mode: batch norm uses its running statistics whate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -31,44 +30,61 @@ import torch.nn as nn
 
 from ..graph import Graph, GraphError, NewNode, Node, ValueInfo
 from .aten import CONV_ARG_NAMES, classify_aten, conv_args, is_aten, packet_name
-from .fx import CaptureError, FxFrontend, _graph_module, _shallow_tree
+from .fx import CaptureError, Edit, FxFrontend, _graph_module, _shallow_tree
 from .fx_build import resolve_input, split_pads, to_tensor
+from ..profile import stage
 
 __all__ = ["ExportFrontend", "Edit", "capture_export"]
 
 _ATEN = torch.ops.aten
 
 
-@dataclass
-class Edit:
-    """One edit of the captured graph that the model's Python code would have to repeat.
-
-    ``kind`` is ``literal`` (a size in a reshape/split the code computes or hard-codes),
-    ``replace`` (a layer replaced by new layers) or ``gather`` (a channel gather inserted).
-    ``module`` is the model's module whose ``forward`` holds the op.
-    """
-
-    kind: str
-    node: str
-    module: str
-    what: str
-    old: Any = None
-    new: Any = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-
 def capture_export(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Graph:
     """Capture ``model`` with ``torch.export`` (non-strict) as a :class:`Graph`."""
-    work = _shallow_tree(model)
-    work.eval()
+    with stage("capture"):
+        work = _shallow_tree(model)
+        work.eval()
+        try:
+            ep = torch.export.export(work, tuple(inputs), strict=False)
+        except Exception as exc:  # export raises many types; name the construct
+            raise CaptureError(f"torch.export cannot capture `{type(model).__name__}`: {_first_line(exc)}") from exc
+        unlifted = ep.module()
+        graph = _plain_graph(unlifted.graph, ep.call_spec.out_spec)
+        gm = fx.GraphModule(unlifted, graph, type(model).__name__)
+    with stage("shapes"):
+        known = shapes_from_export(gm)
+    return Graph(ExportFrontend(gm, list(inputs), original_training=model.training, propagate=not known))
+
+
+def shapes_from_export(gm: fx.GraphModule) -> bool:
+    """Set every node's ``tensor_meta`` from the fake tensor ``val`` that ``torch.export``
+    recorded while tracing (the shapes a shape-propagation forward would compute, without
+    running a kernel); True if every node that holds a tensor or a sequence of tensors got
+    one.  ``get_attr`` nodes take the metadata of the tensor they fetch."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        val = _attr_value(gm, n) if n.op == "get_attr" else n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(val)
+        elif isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            n.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in val)
+        elif isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val) or (
+                val is None and n.op != "get_attr" and "val" not in n.meta):
+            return False  # a mix of tensors and other values, or a node export gave no value
+        else:
+            n.meta.pop("tensor_meta", None)  # a Python value (a size): no tensor
+    return True
+
+
+def _attr_value(gm: fx.GraphModule, n: fx.Node) -> Any:
+    path, _, attr = str(n.target).rpartition(".")
     try:
-        ep = torch.export.export(work, tuple(inputs), strict=False)
-    except Exception as exc:  # export raises many types; name the construct
-        raise CaptureError(f"torch.export cannot capture `{type(model).__name__}`: {_first_line(exc)}") from exc
-    unlifted = ep.module()
-    graph = _plain_graph(unlifted.graph, ep.call_spec.out_spec)
-    gm = fx.GraphModule(unlifted, graph, type(model).__name__)
-    return Graph(ExportFrontend(gm, list(inputs), original_training=model.training))
+        return getattr(gm.get_submodule(path) if path else gm, attr)
+    except AttributeError:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -120,11 +136,11 @@ class ExportFrontend(FxFrontend):
     """Reads and edits an unlifted ``torch.export`` graph (aten ops over ``get_attr`` weights)."""
 
     name = "export"
+    shape_polymorphic = False  # sizes are literals resolved at the example input
 
     def __init__(self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False,
                  propagate: bool = True, edits: list[Edit] | None = None) -> None:
-        super().__init__(gm, inputs, original_training, propagate)
-        self.edits: list[Edit] = list(edits or [])
+        super().__init__(gm, inputs, original_training, propagate, edits)
 
     # ----------------------------------------------------------------- reading
     def _begin_view(self, fx_nodes: list[fx.Node]) -> None:

@@ -12,8 +12,8 @@ applied to the original module for fine-tuning.
 """
 from __future__ import annotations
 
-import copy
 import operator
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -25,11 +25,30 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..arrays import as_numpy
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
+from ..profile import stage
 from .fx_build import to_tensor
 
 
 class CaptureError(GraphError):
     """The model could not be traced; the message names the construct and the remedy."""
+
+
+@dataclass
+class Edit:
+    """One edit of a captured (export or fx) graph that the model's Python code would have to repeat.
+
+    ``kind`` is ``literal`` (a size in a reshape/split the code computes or hard-codes),
+    ``replace`` (a layer replaced by new layers) or ``gather`` (a channel gather inserted).
+    ``module`` is the model's module whose ``forward`` holds the op.
+    """
+
+    kind: str
+    node: str
+    module: str
+    what: str
+    old: Any = None
+    new: Any = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ op tables
@@ -137,7 +156,8 @@ def trace_fx(
     work.eval()
     tracer = _GraphpruneTracer(leaf_modules)
     try:
-        graph = tracer.trace(work, concrete_args=concrete_args)
+        with stage("capture"):
+            graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError...
         path = tracer.failed_path or ""
         where = path or type(model).__name__
@@ -155,11 +175,15 @@ class FxFrontend:
     """Reads and edits a ``torch.fx.GraphModule``."""
 
     name = "fx"
+    shape_polymorphic = True
+    """The graph is the model's own code: sizes it reads from tensors follow the input."""
 
     def __init__(
-        self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True
+        self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True,
+        edits: list[Edit] | None = None,
     ) -> None:
         self.gm = gm
+        self.edits: list[Edit] = list(edits or [])  # structural edits, for graphprune.apply
         self._inputs = inputs
         self.original_training = original_training
         if propagate:
@@ -175,7 +199,7 @@ class FxFrontend:
                 f"({', '.join(p.name for p in placeholders)}) but {len(self._inputs)} example inputs were given"
             )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), stage("shapes"):
                 ShapeProp(self.gm).propagate(*self._inputs)
         except Exception as exc:
             raise CaptureError(f"shape propagation failed: {exc}") from exc
@@ -406,7 +430,9 @@ class FxFrontend:
             self.gm.graph.erase_node(n)
             return
         if key == "shape" and node.kind == "reshape":
-            _set_reshape(n, value)
+            edit = set_reshape_literals(n, value)
+            if edit is not None:
+                self.edits.append(edit)
             return
         if key == "range" and node.kind == "slice" and n.target is operator.getitem:
             return _set_getitem_range(n, value)
@@ -416,8 +442,15 @@ class FxFrontend:
         from .fx_build import replace_with_new_nodes
 
         self.__dict__.pop("_module_cache", None)
-        replace_with_new_nodes(self, node, new)
+        old = self._fx_node(node)
+        old_path = str(old.target) if old.op == "call_module" else ""
+        paths = replace_with_new_nodes(self, node, new)
         self.__dict__.pop("_module_cache", None)
+        if old_path and paths != [old_path]:
+            keys = [{r: f"{p}.{r}" for r in ("weight", "bias") if s.params.get(r) is not None} for s, p in zip(new, paths)]
+            self.edits.append(Edit("replace", node.name, old_path, f"{node.kind} replaced by {len(new)} layer(s)",
+                                   details={"new": [(s.kind, dict(s.attrs), k) for s, k in zip(new, keys)],
+                                            "inputs": [list(s.inputs) for s in new]}))
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         src = next(n for n in self.gm.graph.nodes if n.name == value)
@@ -473,7 +506,7 @@ class FxFrontend:
         (edits replace tensors, never write into them); shapes carry over."""
         root = _shallow_tree(self.gm)
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
-        return FxFrontend(gm, self._inputs, self.original_training, propagate=False)
+        return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
     def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
         """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
@@ -518,6 +551,10 @@ class FxFrontend:
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
+        with stage("emit"):
+            return self._to_module()
+
+    def _to_module(self) -> nn.Module:
         root = _shallow_tree(self.gm)
         for mod in root.modules():
             for k, v in mod._parameters.items():
@@ -647,8 +684,15 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
 
 
 def _shallow_tree(module: nn.Module) -> nn.Module:
-    """Copy the module objects of a tree, sharing their parameter and buffer tensors."""
-    new = copy.copy(module)
+    """Copy the module objects of a tree, sharing their parameter and buffer tensors.
+
+    Each module is a new object with a copy of the old one's ``__dict__`` (what
+    ``copy.copy`` does for a module, without its ``__reduce_ex__`` round trip or a
+    ``GraphModule``'s recompiling ``__copy__``); every dictionary in it (parameters,
+    buffers, children, hook tables) is a new one, so replacing an entry or registering a
+    hook on one tree never reaches the other."""
+    new = object.__new__(type(module))
+    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
@@ -701,28 +745,6 @@ def _conv_pads(mod: nn.modules.conv._ConvNd) -> tuple[int, ...]:
     return tuple(mod.padding) * 2
 
 
-def _set_reshape(n: fx.Node, updates: Mapping[int, int]) -> None:
-    """Replace literal sizes of a view/reshape at the axes in ``updates``."""
-    is_method = n.op == "call_method"
-    raw = list(n.args[1:]) if is_method else [n.args[1]]
-    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-        shape, packed = list(raw[0]), True
-    else:
-        shape, packed = raw, False
-    for axis, size in updates.items():
-        entry = shape[axis]
-        if isinstance(entry, int) and entry != -1:
-            shape[axis] = int(size)
-        elif isinstance(entry, int) and entry == -1:
-            continue  # inferred: follows the new input size
-        else:
-            raise GraphError(
-                f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`"
-            )
-    new_shape = [tuple(shape)] if packed else shape
-    n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
-
-
 def _set_getitem_range(n: fx.Node, ranges: Mapping[int, tuple[int, int]]) -> None:
     """New literal bounds ``x[..., start:end, ...]`` on the given axes."""
     index = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
@@ -762,6 +784,34 @@ def _binary_attrs(n: fx.Node) -> dict[str, Any]:
         scalar = float(s) if isinstance(s, (int, float, bool)) else "dynamic"
     alpha = n.kwargs.get("alpha")
     return {"tensor_positions": positions, "scalar": scalar, "alpha": alpha}
+
+
+def set_reshape_literals(n: fx.Node, updates: Mapping[int, int]) -> Edit | None:
+    """Replace literal sizes of view/reshape node ``n`` at the axes in ``updates`` (a
+    ``-1`` stays: it follows the new input size); the edit, if a literal changed."""
+    is_method = n.op == "call_method"
+    raw = list(n.args[1:]) if is_method else [n.args[1]]
+    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+        shape, packed = list(raw[0]), True
+    else:
+        shape, packed = list(raw), False
+    old = list(shape)
+    for axis, size in updates.items():
+        entry = shape[axis]
+        if isinstance(entry, int) and entry != -1:
+            shape[axis] = int(size)
+        elif not isinstance(entry, int):
+            raise GraphError(f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`")
+    new_shape = [tuple(shape)] if packed else shape
+    n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
+    if shape == old:
+        return None
+    return Edit("literal", n.name, "", "reshape sizes", _literal_text(old), _literal_text(shape))
+
+
+def _literal_text(shape: list[Any]) -> list[Any]:
+    """Sizes of a reshape as the code spells them: ints, and names for computed ones."""
+    return [s if isinstance(s, int) else str(s) for s in shape]
 
 
 def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:

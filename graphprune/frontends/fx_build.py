@@ -128,8 +128,9 @@ def _build_conv(new: NewNode, weight: torch.Tensor, bias: torch.Tensor | None, p
     return mod, extra
 
 
-def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) -> None:
-    """Replace view node ``node`` in ``frontend.gm`` by the chain ``new`` (see module doc).
+def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) -> list[str]:
+    """Replace view node ``node`` in ``frontend.gm`` by the chain ``new`` (see module doc);
+    the module paths of the new layers, in order.
 
     The graph is edited in place; the caller commits (recompile and shape propagation).
     """
@@ -160,6 +161,7 @@ def replace_with_new_nodes(frontend: Any, node: Node, new: Sequence[NewNode]) ->
     if old_path and not reuse and _calls_of(gm, old_path) == 0:
         gm.delete_submodule(old_path)
     logger.debug("fx: replaced %s by %s", node, ", ".join(str(n.target) for n in created))
+    return [str(n.target) for n in created]
 
 
 def resolve_input(spec: NewNode, i: int, created: list[fx.Node], by_name: dict[str, fx.Node], node: Node) -> fx.Node:

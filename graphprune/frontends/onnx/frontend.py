@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...graph import Graph, GraphError, Node, ValueInfo
+from ...profile import stage
 from .classify import OpContext, build_view
 from .edit import OnnxEdits
 from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
@@ -44,8 +45,9 @@ def load_onnx(
     ``external_data_dir`` is where external tensor data lives when it is not beside the
     file (or when a ``ModelProto`` with external references is given).
     """
-    model, source = read_model(path_or_model, external_data_dir)
-    return Graph(OnnxFrontend(model, input_shapes or {}, source=source))
+    with stage("capture"):
+        model, source = read_model(path_or_model, external_data_dir)
+        return Graph(OnnxFrontend(model, input_shapes or {}, source=source))
 
 
 class OnnxFrontend(OnnxEdits):
@@ -101,7 +103,8 @@ class OnnxFrontend(OnnxEdits):
 
     def _infer(self) -> None:
         """Shapes of every value: ONNX shape inference, then onnxruntime for the rest."""
-        self._shapes, self._dtypes = infer_shapes(self.graph, self._shell)
+        with stage("shapes"):
+            self._shapes, self._dtypes = infer_shapes(self.graph, self._shell)
 
     # ------------------------------------------------------------ parameters
     def _refs_map(self) -> dict[str, gs.Constant | gs.Node]:

@@ -1,0 +1,80 @@
+"""Smaller default probes for the exactness check: same batch and channels, fewer pixels.
+
+The check compares the rewritten graph with its projected reference on random probes.
+Its cost is two forwards per probe, proportional to the spatial size.  A smaller
+spatial size proves the same thing when every edited op still sees real data under
+every tap of its window:
+
+* the passes edit channels (which slices exist), kernel rings, groups and ranks of
+  convs and linear layers; all of these act the same at every spatial position, so a
+  wrong channel, tap or block shows at any position where the window covers data;
+* if every conv's (and pooling window's) input is at least as large as its dilated
+  kernel on every spatial axis, every tap of every kernel meets a real input value at
+  some output position, and its border positions meet the padding, so each weight and
+  each padding change the rewrite made still reaches the output;
+* batch and channel axes are kept, so every channel slice of every op is still there.
+
+:func:`shrink_factor` is the largest integer factor ``f <= max_factor`` for which the
+captured shapes divided by ``f`` still satisfy the window condition at every conv and
+pool; :func:`reduced_samples` crops each image-like probe (rank 4 or 5: batch,
+channels, spatial axes) to ``ceil(size / f)`` on its spatial axes.  Only graphs whose
+code computes sizes at run time (the fx frontend: the model's own Python) run at
+another size; a graph whose ops fix a size (a flatten into a linear layer without
+pooling, fixed position embeddings) fails there, and the caller then checks at the
+captured size.  User-given check inputs are never shrunk.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from .arrays import as_numpy
+from .graph import Graph
+
+__all__ = ["reduced_samples", "shrink_factor"]
+
+WINDOW_KINDS = ("conv", "conv_transpose", "pool")
+
+
+def shrink_factor(graph: Graph, max_factor: int = 4) -> int:
+    """The largest ``f <= max_factor`` keeping every conv/pool input at least one dilated
+    kernel wide on every spatial axis at ``1/f`` of the captured size (1: do not shrink)."""
+    best = max_factor
+    for node in graph.nodes:
+        if node.kind not in WINDOW_KINDS or not node.inputs:
+            continue
+        shape = graph.shape(node.inputs[0])
+        if shape is None or len(shape) < 3:
+            continue
+        spatial = shape[2:]
+        kernel = tuple(node.attrs.get("kernel", ())) or (1,) * len(spatial)
+        dilation = tuple(node.attrs.get("dilation", ())) or (1,) * len(spatial)
+        for size, k, d in zip(spatial, kernel, dilation):
+            extent = d * (k - 1) + 1
+            best = min(best, max(size // extent, 1))
+    return best
+
+
+def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: int = 4) -> list[list[np.ndarray]] | None:
+    """``samples`` (numpy arrays or tensors) as numpy arrays, image-like inputs cropped by
+    :func:`shrink_factor`; None when the graph cannot run at another size or nothing
+    would shrink."""
+    if not getattr(graph.frontend, "shape_polymorphic", False):
+        return None
+    f = shrink_factor(graph, max_factor)
+    if f < 2:
+        return None
+    out, shrunk = [], False
+    for xs in samples:
+        row = []
+        for x in xs:
+            x = as_numpy(x)
+            if np.issubdtype(x.dtype, np.floating) and x.ndim in (4, 5):
+                index = (slice(None), slice(None), *(slice(0, math.ceil(s / f)) for s in x.shape[2:]))
+                x = np.ascontiguousarray(x[index])
+                shrunk = True
+            row.append(x)
+        out.append(row)
+    return out if shrunk else None
