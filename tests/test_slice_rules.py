@@ -78,7 +78,7 @@ def _seeded(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("a,b,c", [(0, 5, 5), (2, 7, 5), (1, 4, 3), (3, 8, 6)])
 def test_overlapping_slices_prune_exactly(a: int, b: int, c: int) -> None:
     model = _seeded(TwoSlices(a, b, c), seed=a + b + c)
-    graph = gp.trace(model, torch.randn(1, 3, 6, 6))
+    graph = gp.trace(model, torch.randn(1, 3, 6, 6), capture="export")
     group = next(g for g in analyse(graph).groups if g.n_classes == 8)
     assert group.prunable.sum() == 8, "every channel of the sliced conv is prunable"
     result = check_pass(graph, "prune-channels{ratio=0.5}")
@@ -100,7 +100,7 @@ def test_slice_decision_follows_the_read_columns() -> None:
     with torch.no_grad():
         model.conv.weight[[0, 3, 5]] *= 1e-3
         model.conv.bias[[0, 3, 5]] *= 1e-3
-    graph = gp.trace(model, torch.randn(1, 3, 6, 6))
+    graph = gp.trace(model, torch.randn(1, 3, 6, 6), capture="export")
     result = check_pass(graph, "prune-channels{ratio=0.4}")  # floor(0.4 * 8) = 3
     (rec,) = [r for r in result.records if r["classes"] == 8]
     assert rec["kept"]["conv2d:1"] == [2, 4, 6, 7]  # 0, 3, 5 are small; 1 is read by no slice
@@ -128,7 +128,7 @@ def test_ghost_concat_then_slice_keeps_the_depthwise_pairs() -> None:
     """Channel i of the cheap depthwise conv is tied to primary channel i; the slice drops
     cat channel 7 (cheap channel 3), so its width is 2 * kept - [3 kept]."""
     model = _seeded(Ghost(7))
-    graph = gp.trace(model, torch.randn(1, 3, 8, 8))
+    graph = gp.trace(model, torch.randn(1, 3, 8, 8), capture="export")
     result = check_pass(graph, "prune-channels{ratio=0.5}")
     out = result.graph
     kept = out.shape(out.find("primary").outputs[0])[1]

@@ -788,7 +788,9 @@ def _binary_attrs(n: fx.Node) -> dict[str, Any]:
 
 def set_reshape_literals(n: fx.Node, updates: Mapping[int, int]) -> Edit | None:
     """Replace literal sizes of view/reshape node ``n`` at the axes in ``updates`` (a
-    ``-1`` stays: it follows the new input size); the edit, if a literal changed."""
+    ``-1`` stays: it follows the new input size, and so does a size computed at run time
+    from tensor sizes, like ShuffleNet's ``x.size(1) // groups``; the check after the pass
+    proves it); the edit, if a literal changed."""
     is_method = n.op == "call_method"
     raw = list(n.args[1:]) if is_method else [n.args[1]]
     if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
@@ -800,13 +802,33 @@ def set_reshape_literals(n: fx.Node, updates: Mapping[int, int]) -> Edit | None:
         entry = shape[axis]
         if isinstance(entry, int) and entry != -1:
             shape[axis] = int(size)
-        elif not isinstance(entry, int):
+        elif not isinstance(entry, int) and not _from_tensor_sizes(entry):
             raise GraphError(f"cannot resize axis {axis} of reshape `{n.name}`: its size is computed by `{entry}`")
     new_shape = [tuple(shape)] if packed else shape
     n.args = (n.args[0], *new_shape) if is_method else (n.args[0], new_shape[0] if packed else tuple(shape), *n.args[2:])
     if shape == old:
         return None
     return Edit("literal", n.name, "", "reshape sizes", _literal_text(old), _literal_text(shape))
+
+
+_SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.getitem, operator.truediv}
+
+
+def _from_tensor_sizes(entry: Any) -> bool:
+    """Whether ``entry`` (a reshape size) is integer arithmetic over tensor sizes only
+    (``x.size()``, ``x.size(d)``, ``x.shape``, ``x.dim()``) and literals, so it is recomputed
+    from the pruned sizes when the graph runs."""
+    if isinstance(entry, (int, float)):
+        return True
+    if not isinstance(entry, fx.Node):
+        return False
+    if entry.op == "call_method" and entry.target in ("size", "dim"):
+        return True
+    if entry.op == "call_function" and entry.target is getattr and entry.args[1] == "shape":
+        return True
+    if entry.op == "call_function" and entry.target in _SIZE_ARITHMETIC:
+        return all(_from_tensor_sizes(a) for a in entry.args)
+    return False
 
 
 def _literal_text(shape: list[Any]) -> list[Any]:
