@@ -34,13 +34,35 @@ class Mixed(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class Attn(nn.Module):
+    """q/k/v projections, 4 heads of 6, scaled dot-product attention, out-projection:
+    the attention node's MACs are not a product of port sizes of one input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(24, 24) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).reshape(b, n, 4, 6).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, n, 24))
+
+
 def graphs() -> list[gp.Graph]:
     torch.manual_seed(0)
     return [gp.trace(sample_net(), sample_input(), capture="fx"),
-            gp.trace(randomize_(Mixed()).eval(), torch.randn(2, 3, 8, 8), capture="fx")]
+            gp.trace(randomize_(Mixed()).eval(), torch.randn(2, 3, 8, 8), capture="fx"),
+            gp.trace(randomize_(Attn()).eval(), torch.randn(2, 5, 24), capture="export")]
 
 
-@pytest.mark.parametrize("index", [0, 1])
+def test_attention_graph_has_an_attention_node_with_macs() -> None:
+    graph = graphs()[2]
+    (att,) = [n for n in graph.nodes if n.kind == "attention"]
+    assert gp.graph_cost(graph, with_params=False).per_node[att.label or att.name][0] == 2 * 4 * 5 * 5 * 12
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_counter_equals_full_recount(index: int) -> None:
     graph = graphs()[index]
     analysis = gp.analyse(graph)
