@@ -47,6 +47,7 @@ class PassResult:
     frozen: dict[str, str] = field(default_factory=dict)
     no_change: str = ""
     redo: Callable[[Collection[str]], PassResult] | None = field(default=None, compare=False, repr=False)
+    _reference: Graph | None = field(default=None, init=False, compare=False, repr=False)
 
     def __repr__(self) -> str:
         what = "modified" if self.modified else f"no change{': ' + self.no_change if self.no_change else ''}"
@@ -54,9 +55,17 @@ class PassResult:
         return f"<{type(self).__name__} {self.pass_name or '?'}: {what}, {len(self.records)} records{frozen}>"
 
     def reference(self) -> Graph:
-        """The input graph with projected weights: what ``graph`` must compute."""
-        with stage("verify"):
-            return self.projection.apply(self.input_graph)
+        """The input graph with projected weights: what ``graph`` must compute.  Built once
+        and kept (the pass manager's check, the CLI's file check and its noise measurement
+        share it and its runtime session); treat it as read-only."""
+        if self._reference is None:
+            with stage("verify"):
+                self._reference = self.projection.apply(self.input_graph)
+        return self._reference
+
+    def forget_reference(self) -> None:
+        """Drop the kept reference (a full copy of the weights)."""
+        self._reference = None
 
     def projected_model(self, model: Any) -> Any:
         """A trainable copy of ``model`` (the traced original) with the projection held."""

@@ -216,6 +216,8 @@ class PassManager:
                     timings[-1] = time.perf_counter() - start
                 elif not check.passed:
                     raise VerificationError(refusal(check, p.spec()))
+            for earlier in results:  # only the last pass's reference is needed after it
+                earlier.forget_reference()
             results.append(result)
             checks.append(check)
             current = result.graph
