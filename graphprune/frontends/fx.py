@@ -508,6 +508,16 @@ class FxFrontend:
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
+    def with_weights(self, params: Mapping[str, np.ndarray | torch.Tensor]) -> "FxFrontend":
+        """A copy that shares this one's fx graph and compiled code (new module objects,
+        tensors shared) with the parameters in ``params`` replaced.  Only for graphs that
+        are not edited structurally (:meth:`graphprune.graph.Graph.with_weights` copies the
+        structure before an edit)."""
+        out = type(self)(_shallow_tree(self.gm), self._inputs, self.original_training, propagate=False, edits=self.edits)
+        for key, value in params.items():
+            out.set_param(key, value)
+        return out
+
     def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
         """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
         self.gm.eval()
@@ -552,20 +562,7 @@ class FxFrontend:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
         with stage("emit"):
-            return self._to_module()
-
-    def _to_module(self) -> nn.Module:
-        root = _shallow_tree(self.gm)
-        for mod in root.modules():
-            for k, v in mod._parameters.items():
-                if v is not None:
-                    mod._parameters[k] = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
-            for k, v in mod._buffers.items():
-                if v is not None:
-                    mod._buffers[k] = v.clone()
-        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=False)
-        gm.train(self.original_training)
-        return gm
+            return _independent_module(self.gm, self.original_training)
 
     def to_onnx(self, path: str, opset: int = 17, **_: Any) -> None:
         from ..emit import export_module_onnx
@@ -681,6 +678,21 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
         with _use_lazy_graph_module(True):
             return fx.GraphModule(root, new, name)
     return fx.GraphModule(root, new, name)
+
+
+def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors."""
+    root = _shallow_tree(gm)
+    for mod in root.modules():
+        for k, v in mod._parameters.items():
+            if v is not None:
+                mod._parameters[k] = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+        for k, v in mod._buffers.items():
+            if v is not None:
+                mod._buffers[k] = v.clone()
+    out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False)
+    out.train(training)
+    return out
 
 
 def _shallow_tree(module: nn.Module) -> nn.Module:
