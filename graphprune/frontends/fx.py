@@ -525,6 +525,14 @@ class FxFrontend:
             out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
 
+    def run_with_shapes(self, inputs: Sequence[torch.Tensor | np.ndarray], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
+        """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way."""
+        self.gm.eval()
+        recorder = _ShapeRecorder(self.gm, values)
+        with torch.no_grad():
+            out = recorder.run(*[to_tensor(x, self._device()) for x in inputs])
+        return list(_flatten_tensors(out)), recorder.shapes
+
     def inputs_from_arrays(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Numpy inputs as tensors on the model's device, in the example inputs' dtypes
         (numpy has no bfloat16): what ``Graph.random_inputs`` returns."""
@@ -550,13 +558,7 @@ class FxFrontend:
     ) -> dict[str, torch.Tensor]:
         """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
         their running statistics); the module's own tensors are not touched."""
-        self.gm.eval()
-        params = {k: self.get_tensor(k).clone().requires_grad_(True) for k in keys}
-        with torch.enable_grad():
-            out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
-            value = loss(_flatten_tensors(out))
-            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+        return _param_gradients(self.gm, {k: self.get_tensor(k) for k in keys}, inputs, loss)
 
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
@@ -568,6 +570,35 @@ class FxFrontend:
         from ..emit import export_module_onnx
 
         export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
+
+
+def _param_gradients(
+    gm: fx.GraphModule, tensors: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor],
+    loss: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``d loss(gm(inputs)) / d p`` for the named parameters (differentiated on clones), eval mode."""
+    gm.eval()
+    params = {k: t.clone().requires_grad_(True) for k, t in tensors.items()}
+    with torch.enable_grad():
+        out = torch.func.functional_call(gm, params, tuple(inputs), strict=False)
+        value = loss(_flatten_tensors(out))
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and keeps the shapes of the tensors named in ``values``."""
+
+    def __init__(self, gm: fx.GraphModule, values: set[str]) -> None:
+        super().__init__(gm)
+        self.values = values
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.values and isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(out.shape)
+        return out
 
 
 class _MaskingInterpreter(fx.Interpreter):
