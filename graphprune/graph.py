@@ -59,6 +59,7 @@ import numpy as np
 
 from .arrays import as_numpy
 
+from .gcpause import gc_paused
 from .profile import stage
 
 
@@ -360,6 +361,7 @@ class Graph:
         return arrays if convert is None else convert(arrays)
 
     # ------------------------------------------------------------------- emit
+    @gc_paused
     def to_module(self) -> Any:
         """The graph as an ``nn.Module`` (PyTorch frontends only)."""
         to_module = getattr(self.frontend, "to_module", None)
@@ -369,6 +371,7 @@ class Graph:
         self._emitted.add(module)
         return module
 
+    @gc_paused
     def to_onnx(self, path: str, **options: Any) -> None:
         """Write the graph as an ONNX file (atomically).  Refused while a module from
         :meth:`to_module` has been changed (fine-tuned) since: the file would hold the

@@ -385,8 +385,8 @@ class FxFrontend:
             value = to_tensor(value, old.device, old.dtype)
         else:
             value = to_tensor(value)
-        if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        if isinstance(old, nn.Parameter):  # straight into the table: Module.__setattr__ is slow
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         elif attr in owner._buffers:
             owner._buffers[attr] = value
         else:

@@ -30,10 +30,12 @@ from .run import compared_constants, example_inputs, make_session, run_session
 from .save import export_model, model_for_save, save_model
 from .shapes import infer_shapes
 from .tensors import constant_node_value, fresh_name, is_default
+from ...gcpause import gc_paused
 
 __all__ = ["OnnxFrontend", "load_onnx"]
 
 
+@gc_paused
 def load_onnx(
     path_or_model: str | os.PathLike | onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
