@@ -27,6 +27,7 @@ from ..arrays import as_numpy
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
 from ..profile import stage
 from .fx_build import to_tensor
+from .fx_shapes import ShapeOnlyProp, values_decide_shapes
 
 
 class CaptureError(GraphError):
@@ -200,7 +201,8 @@ class FxFrontend:
             )
         try:
             with torch.no_grad(), stage("shapes"):
-                ShapeProp(self.gm).propagate(*self._inputs)
+                prop = ShapeProp if values_decide_shapes(self.gm) else ShapeOnlyProp
+                prop(self.gm).propagate(*self._inputs)
         except Exception as exc:
             raise CaptureError(f"shape propagation failed: {exc}") from exc
 
