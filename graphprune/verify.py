@@ -157,7 +157,7 @@ def check_exact(
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 
-SMALL_ATTEMPTS = 4
+SMALL_ATTEMPTS = 5
 """Reference runs at candidate crop factors before checking at the captured size."""
 
 
@@ -167,8 +167,8 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | 
     or None when nothing crops, the frontend cannot run or record at another size, or
     no tried factor qualifies (then the caller checks at the captured size).
 
-    The estimated largest factor is tried first; when the recorded sizes refuse it (or
-    the model cannot run there), a bisection over the smaller factors follows, at most
+    The largest candidate factor is tried first; when the recorded sizes refuse it (or
+    the model cannot run there), a bisection over the smaller candidates follows, at most
     :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted."""
     from . import probe_size
 
@@ -178,32 +178,31 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | 
         return None
     watched = probe_size.window_values(reference)
 
-    def attempt(f: int) -> tuple[list[list[Any]], list[Any]] | None:
+    def attempt(f: float) -> tuple[list[list[Any]], list[Any]] | None:
         small = probe_size.crop(samples, f)
         if small is None:
             return None
         try:
             first, shapes = record(small[0], watched)
         except Exception as exc:  # a size the model's code fixes, or a window larger than its input
-            logger.debug("the reference cannot run at 1/%d of the size (%s)", f, str(exc).splitlines()[0] if str(exc) else exc)
+            logger.debug("the reference cannot run at 1/%g of the size (%s)", f, str(exc).splitlines()[0] if str(exc) else exc)
             return None
         bad = probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
         if bad is not None:
-            logger.debug("at 1/%d of the size a tap of %s reads no data", f, bad)
+            logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
             return None
         return small, first
 
-    lo, hi, best = 1, factors[0], None
-    f = hi
-    for _ in range(SMALL_ATTEMPTS):
-        found = attempt(f)
+    best, tries = attempt(factors[0]), 1
+    left, right = 1, len(factors) - 1
+    searching = best is None  # bisection for the largest factor that passes
+    while searching and left <= right and tries < SMALL_ATTEMPTS:
+        mid = (left + right) // 2
+        found, tries = attempt(factors[mid]), tries + 1
         if found is not None:
-            lo, best = f, found
+            best, right = found, mid - 1
         else:
-            hi = f - 1
-        if lo >= hi:
-            break
-        f = (lo + hi + 1) // 2
+            left = mid + 1
     if best is None:
         return None
     small, first = best

@@ -911,23 +911,26 @@ def _tuple_source(n: fx.Node) -> fx.Node | None:
 
 
 def _sync_module_metadata(mod: nn.Module) -> None:
-    """Re-derive size attributes (in_channels, num_features...) from edited weights."""
+    """Re-derive size attributes (in_channels, num_features...) from edited weights.
+    They are plain attributes: written to the instance dict (``Module.__setattr__``
+    would first look for a parameter, buffer or submodule of that name)."""
+    plain = mod.__dict__
     if isinstance(mod, nn.modules.conv._ConvNd):
         w = mod.weight
         if mod.transposed:
-            mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+            plain["in_channels"], plain["out_channels"] = w.shape[0], w.shape[1] * mod.groups
         else:
-            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
-        mod.kernel_size = tuple(w.shape[2:])
+            plain["out_channels"], plain["in_channels"] = w.shape[0], w.shape[1] * mod.groups
+        plain["kernel_size"] = tuple(w.shape[2:])
     elif isinstance(mod, nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
+        plain["out_features"], plain["in_features"] = mod.weight.shape
     elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         ref = mod.running_mean if mod.running_mean is not None else mod.weight
         if ref is not None:
-            mod.num_features = ref.shape[0]
+            plain["num_features"] = ref.shape[0]
     elif isinstance(mod, nn.GroupNorm) and mod.weight is not None:
-        mod.num_channels = mod.weight.shape[0]
+        plain["num_channels"] = mod.weight.shape[0]
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-        mod.normalized_shape = tuple(mod.weight.shape)
+        plain["normalized_shape"] = tuple(mod.weight.shape)
     elif isinstance(mod, nn.PReLU):
-        mod.num_parameters = mod.weight.numel()
+        plain["num_parameters"] = mod.weight.numel()
