@@ -38,7 +38,7 @@ import numpy as np
 from .arrays import as_numpy
 from .graph import Graph, Node
 
-__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "taps_reach_data", "violated_window",
+__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "stacked", "taps_reach_data", "violated_window",
            "window_values"]
 
 WINDOW_KINDS = ("conv", "conv_transpose")
@@ -144,6 +144,19 @@ def crop(samples: Sequence[Sequence[Any]], f: float) -> list[list[np.ndarray]] |
             row.append(x)
         out.append(row)
     return out if shrunk else None
+
+
+def stacked(samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray] | None:
+    """All samples as one: each input concatenated along its leading (batch) axis; None
+    when an input has no axis or the samples' shapes beyond the batch axis differ."""
+    if not samples:
+        return None
+    out = []
+    for parts in zip(*samples):
+        if any(p.ndim == 0 or p.shape[1:] != parts[0].shape[1:] for p in parts):
+            return None
+        out.append(np.concatenate(parts, axis=0))
+    return out
 
 
 def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: float = MAX_FACTOR) -> list[list[np.ndarray]] | None:

@@ -169,36 +169,22 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | 
 
     The largest candidate factor is tried first; when the recorded sizes refuse it (or
     the model cannot run there), a bisection over the smaller candidates follows, at most
-    :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted."""
-    from . import probe_size
+    :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted.
+    The probes run as one batch (their inputs concatenated on the batch axis: one
+    forward of each graph instead of one per probe) unless the model refuses that."""
+    from .probe_size import candidate_factors
 
-    record = getattr(reference.frontend, "run_with_shapes", None)
-    factors = probe_size.candidate_factors(reference)
-    if record is None or not getattr(reference.frontend, "shape_polymorphic", False) or not factors:
+    factors = candidate_factors(reference)
+    if not hasattr(reference.frontend, "run_with_shapes") or not getattr(reference.frontend, "shape_polymorphic", False) \
+            or not factors:
         return None
-    watched = probe_size.window_values(reference)
-
-    def attempt(f: float) -> tuple[list[list[Any]], list[Any]] | None:
-        small = probe_size.crop(samples, f)
-        if small is None:
-            return None
-        try:
-            first, shapes = record(small[0], watched)
-        except Exception as exc:  # a size the model's code fixes, or a window larger than its input
-            logger.debug("the reference cannot run at 1/%g of the size (%s)", f, str(exc).splitlines()[0] if str(exc) else exc)
-            return None
-        bad = probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
-        if bad is not None:
-            logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
-            return None
-        return small, first
-
-    best, tries = attempt(factors[0]), 1
+    search = _CropSearch(reference, samples)
+    best, tries = search.attempt(factors[0]), 1
     left, right = 1, len(factors) - 1
     searching = best is None  # bisection for the largest factor that passes
     while searching and left <= right and tries < SMALL_ATTEMPTS:
         mid = (left + right) // 2
-        found, tries = attempt(factors[mid]), tries + 1
+        found, tries = search.attempt(factors[mid]), tries + 1
         if found is not None:
             best, right = found, mid - 1
         else:
@@ -211,9 +197,56 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | 
         for xs in small[1:]:
             worst = max(worst, relative_error(graph.run(*xs), reference.run(*xs)))
     except Exception as exc:  # the rewritten graph fixes a size the reference does not: check at full size
-        logger.debug("the rewritten graph cannot run at the smaller size (%s)", exc)
+        logger.debug("the rewritten graph cannot run at the smaller size (%s)", _first_line(exc))
         return None
     return worst
+
+
+class _CropSearch:
+    """Reference runs at candidate crop factors, with the window condition checked on
+    the recorded sizes; :meth:`attempt` gives the (cropped samples, first outputs) to
+    compare against, or None."""
+
+    def __init__(self, reference: Graph, samples: Samples) -> None:
+        from . import probe_size
+
+        self.sizes = probe_size
+        self.reference = reference
+        self.samples = samples
+        self.watched = probe_size.window_values(reference)
+        self.stack = len(samples) > 1  # until the model refuses one batch
+
+    def attempt(self, f: float) -> tuple[list[list[Any]], list[Any]] | None:
+        small = self.sizes.crop(self.samples, f)
+        if small is None:
+            return None
+        batch = self.sizes.stacked(small) if self.stack else None
+        if batch is not None:
+            try:
+                return self._accepted(f, [batch])
+            except Exception:  # the batch, or the size? the run below tells
+                pass
+        try:
+            found = self._accepted(f, small)
+        except Exception as exc:  # a size the model's code fixes, or a window larger than its input
+            logger.debug("the reference cannot run at 1/%g of the size (%s)", f, _first_line(exc))
+            return None
+        if batch is not None:
+            logger.debug("the probes cannot run as one batch; running them one by one")
+            self.stack = False
+        return found
+
+    def _accepted(self, f: float, small: list[list[Any]]) -> tuple[list[list[Any]], list[Any]] | None:
+        first, shapes = self.reference.frontend.run_with_shapes(small[0], self.watched)
+        bad = self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+        if bad is not None:
+            logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
+            return None
+        return small, first
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def assert_exact(

@@ -205,3 +205,39 @@ def test_probe_count_is_an_option() -> None:
         gp.run(graph, "prune-channels{ratio=0.5}", probes=0)
     result = gp.run(graph, "prune-channels{ratio=0.5}", probes=3)
     assert result.checks[0] is not None and result.checks[0].samples == 3 and result.checks[0].passed
+
+
+class BatchOne(nn.Module):
+    """Strided, but its head hard-codes a batch of one (``view(1, 8)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Strided()
+        self.body.fc = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).view(1, 8)
+
+
+def test_probes_run_as_one_batch_unless_the_model_refuses() -> None:
+    graph = _graph(Strided(), 24)
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    seen = _recording_runs(graph)
+    try:
+        assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=3).passed
+    finally:
+        _stop_recording(graph)
+    assert seen == [(6, 3, 5, 5), (6, 3, 5, 5)]  # 3 probes of batch 2: one reference and one rewritten run
+
+    torch.manual_seed(0)
+    graph = gp.trace(randomize_(BatchOne()).eval(), torch.randn(1, 3, 24, 24), capture="fx")
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    seen = _recording_runs(graph)
+    try:
+        assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
+    finally:
+        _stop_recording(graph)
+    # the batch of 2 is refused, the same size one by one is accepted: 2 reference + 2 rewritten runs
+    assert seen[0] == (2, 3, 5, 5) and seen[1:] == [(1, 3, 5, 5)] * 4, seen
+    _corrupt_outer_tap(result, "body.c4")
+    assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
