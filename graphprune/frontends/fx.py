@@ -192,7 +192,7 @@ class FxFrontend:
 
     # --------------------------------------------------------------- analysis
     def _propagate(self) -> None:
-        self.gm.eval()
+        _ensure_eval(self.gm)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self._inputs):
             raise CaptureError(
@@ -522,14 +522,14 @@ class FxFrontend:
 
     def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
         """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
-        self.gm.eval()
+        _ensure_eval(self.gm)
         with torch.no_grad():
             out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
 
     def run_with_shapes(self, inputs: Sequence[torch.Tensor | np.ndarray], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
         """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way."""
-        self.gm.eval()
+        _ensure_eval(self.gm)
         recorder = _ShapeRecorder(self.gm, values)
         with torch.no_grad():
             out = recorder.run(*[to_tensor(x, self._device()) for x in inputs])
@@ -713,6 +713,12 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
     return fx.GraphModule(root, new, name)
 
 
+def _ensure_eval(gm: nn.Module) -> None:
+    """``gm.eval()`` unless every module already is (``eval`` sets an attribute on each)."""
+    if any(m.training for m in gm.modules()):
+        gm.eval()
+
+
 def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
     """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors."""
     root = _shallow_tree(gm)
@@ -724,7 +730,8 @@ def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
             if v is not None:
                 mod._buffers[k] = v.clone()
     out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False)
-    out.train(training)
+    if any(m.training != training for m in out.modules()):
+        out.train(training)
     return out
 
 
@@ -737,10 +744,9 @@ def _shallow_tree(module: nn.Module) -> nn.Module:
     buffers, children, hook tables) is a new one, so replacing an entry or registering a
     hook on one tree never reaches the other."""
     new = object.__new__(type(module))
-    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    state["_modules"] = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    object.__setattr__(new, "__dict__", state)  # Module.__setattr__ is slow
     return new
 
 
