@@ -241,3 +241,33 @@ def test_probes_run_as_one_batch_unless_the_model_refuses() -> None:
     assert seen[0] == (2, 3, 5, 5) and seen[1:] == [(1, 3, 5, 5)] * 4, seen
     _corrupt_outer_tap(result, "body.c4")
     assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
+
+
+class Functional(nn.Module):
+    """A conv called through ``F.conv2d`` and a conv module used twice: no hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(nn.functional.conv2d(x, self.w, padding=1, stride=2))
+        return self.shared(torch.relu(self.shared(y))).mean((2, 3))
+
+
+@pytest.mark.parametrize("model, hooked", [(Strided, True), (Unpadded, True), (Functional, False)])
+def test_recorded_sizes_are_the_same_through_hooks_or_the_interpreter(model: type, hooked: bool) -> None:
+    from graphprune.frontends.fx import _ShapeRecorder, _shape_hooks
+
+    graph = _graph(model(), 20)
+    values = window_values(graph)
+    fe = graph.frontend
+    assert (_shape_hooks(fe.gm, values) is not None) == hooked
+    x = torch.randn(2, 3, 13, 11)
+    out, shapes = fe.run_with_shapes([x], values)
+    recorder = _ShapeRecorder(fe.gm, values)
+    with torch.no_grad():
+        want = recorder.run(x)
+    assert shapes == recorder.shapes and set(shapes) == values
+    assert torch.equal(out[0], want)
