@@ -89,13 +89,11 @@ def _windows(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.kind in WINDOW_KINDS and n.inputs and n.outputs]
 
 
-def violated_window(graph: Graph, size_of: SizeOf, outputs: bool = True) -> Node | None:
+def violated_window(graph: Graph, size_of: SizeOf) -> Node | None:
     """The first conv of ``graph`` where some tap reads no data at the sizes ``size_of``
-    gives (value name -> full shape, None if unknown); None when every conv passes.
-    Output sizes come from ``size_of`` too when ``outputs``, else from the window formula."""
+    gives (value name -> full shape, None if unknown); None when every conv passes."""
     for node in _windows(graph):
-        shape = size_of(node.inputs[0])
-        out = size_of(node.outputs[0]) if outputs else None
+        shape, out = size_of(node.inputs[0]), size_of(node.outputs[0])
         if shape is None or len(shape) < 3:
             continue
         if not _node_ok(node, shape[2:], out[2:] if out is not None and len(out) == len(shape) else None):
@@ -112,15 +110,13 @@ def candidate_factors(graph: Graph, max_factor: float = MAX_FACTOR) -> list[floa
     """The :data:`FACTORS` up to ``max_factor`` (largest first) at which the window
     condition holds on sizes estimated as ``ceil(captured / f)``; the recorded sizes
     decide (see the module docstring)."""
-    def estimate(f: float) -> SizeOf:
-        def size_of(value: str) -> tuple[int, ...] | None:
-            shape = graph.shape(value)
-            if shape is None or len(shape) < 3:
-                return shape
-            return (*shape[:2], *(math.ceil(s / f) for s in shape[2:]))
-        return size_of
-
-    return [f for f in FACTORS if f <= max_factor and violated_window(graph, estimate(f), outputs=False) is None]
+    spatial = [(node, shape[2:]) for node in _windows(graph)
+               if (shape := graph.shape(node.inputs[0])) is not None and len(shape) >= 3]
+    out = []
+    for f in FACTORS:
+        if f <= max_factor and all(_node_ok(node, [math.ceil(s / f) for s in size], None) for node, size in spatial):
+            out.append(f)
+    return out
 
 
 def shrink_factor(graph: Graph, max_factor: float = MAX_FACTOR) -> float:
