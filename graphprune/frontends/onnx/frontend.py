@@ -26,8 +26,8 @@ from ...profile import stage
 from .classify import OpContext, build_view
 from .edit import OnnxEdits
 from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
-from .run import compared_constants, example_inputs, make_session, run_session
-from .save import export_model, model_for_save, save_model
+from .run import SessionModel, compared_constants, example_inputs, make_session, run_session, session_model
+from .save import model_for_save, save_model
 from .shapes import infer_shapes
 from .tensors import constant_node_value, fresh_name, is_default
 
@@ -81,6 +81,7 @@ class OnnxFrontend(OnnxEdits):
     def _reset_caches(self) -> None:
         self._session_cache: Any = None
         self._optimised_cache: Any = None
+        self._structure: SessionModel | None = None
         self._refs: dict[str, gs.Constant | gs.Node] | None = None
         self._index: dict[str, gs.Node] = {}
         self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
@@ -89,6 +90,7 @@ class OnnxFrontend(OnnxEdits):
     def _edited(self) -> None:
         self._session_cache = None
         self._optimised_cache = None
+        self._structure = None
         self._folded = {}
 
     def _ops(self) -> OpContext:
@@ -156,11 +158,19 @@ class OnnxFrontend(OnnxEdits):
         return self.copy()
 
     # --------------------------------------------------------------- running
+    def session_model(self) -> SessionModel:
+        """The current graph's structure and weights for onnxruntime (weights by reference,
+        :func:`~graphprune.frontends.onnx.run.session_model`), exported once per edit for
+        both sessions."""
+        if self._structure is None:
+            self._structure = session_model(self.graph, self._shell)
+        return self._structure
+
     def session(self) -> Any:
         """The cached onnxruntime session (graph optimisations off) of the current graph."""
         if self._session_cache is None:
             try:
-                self._session_cache = make_session(export_model(self.graph, self._shell))
+                self._session_cache = make_session(self.session_model())
             except Exception as exc:
                 raise OnnxLoadError(f"onnxruntime cannot run `{self.source}`: {str(exc).splitlines()[0]}") from exc
         return self._session_cache
@@ -173,7 +183,7 @@ class OnnxFrontend(OnnxEdits):
         """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
         :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
         if self._optimised_cache is None:
-            self._optimised_cache = make_session(export_model(self.graph, self._shell), optimise=True)
+            self._optimised_cache = make_session(self.session_model(), optimise=True)
         return run_session(self._optimised_cache, self.graph, inputs)
 
     def example_inputs(self) -> list[np.ndarray]:

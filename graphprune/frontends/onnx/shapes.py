@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .load import static_dims
-from .run import make_session
+from .run import make_session, session_model
 from .save import export_model
 from .tensors import STRIP_NUMEL, np_dtype, value_info_shape
 
@@ -66,13 +66,14 @@ def _produced_variables(graph: gs.Graph) -> list[str]:
 
 def _measure_shapes(graph: gs.Graph, header: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run onnxruntime with ``names`` exposed as outputs and read their shapes."""
-    model = export_model(graph, header)
+    structure = session_model(graph, header)
+    model = structure.model
     known = {o.name for o in model.graph.output}
     for name in names:
         if name not in known:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        sess = make_session(model)
+        sess = make_session(structure)
         feeds = {}
         for t in graph.inputs:
             if isinstance(t, gs.Variable):
