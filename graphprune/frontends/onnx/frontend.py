@@ -26,12 +26,21 @@ from ...profile import stage
 from .classify import OpContext, build_view
 from .edit import OnnxEdits
 from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
-from .run import SessionModel, compared_constants, example_inputs, make_session, run_session, session_model
+from .run import (
+    SessionModel, compared_constants, example_inputs, make_session, resized_model, run_session, session_model,
+)
 from .save import model_for_save, save_model
-from .shapes import infer_shapes
+from .shapes import infer_shapes, strict_shapes
 from .tensors import constant_node_value, fresh_name, is_default
 
 __all__ = ["OnnxFrontend", "load_onnx"]
+
+InputShapes = tuple[tuple[int, ...], ...]  # one shape per graph input, in input order
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_onnx(
@@ -54,6 +63,11 @@ class OnnxFrontend(OnnxEdits):
     """Reads and edits an ONNX model held as an onnx-graphsurgeon graph."""
 
     name = "onnx"
+    shape_polymorphic = True
+    """Runs at other input sizes too (:meth:`run`: a session per size, every other shape
+    inferred again) as far as the graph's constants allow: a size they fix (a target
+    shape, a Gemm after a flatten) fails there, and :meth:`shapes_at` finds most such
+    failures before anything runs."""
 
     def __init__(self, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], source: str = "<model>") -> None:
         self.source = source
@@ -69,6 +83,7 @@ class OnnxFrontend(OnnxEdits):
             raise OnnxLoadError(f"cannot import `{source}`: {exc}") from exc
         fix_input_shapes(self.graph, input_shapes, source)
         self._copies: dict[str, str] = {}  # constant copy name -> the name it was copied from
+        self._sizes_refused: set[InputShapes] = set()  # shared with copies: sizes this model family cannot run at
         name_nodes(self.graph)
         normalise(self.graph, self._copies)
         self._shapes: dict[str, tuple[int, ...] | None] = {}
@@ -82,6 +97,7 @@ class OnnxFrontend(OnnxEdits):
         self._session_cache: Any = None
         self._optimised_cache: Any = None
         self._structure: SessionModel | None = None
+        self._resized: dict[InputShapes, tuple[onnx.ModelProto, Any]] = {}  # size -> (structure, session or None)
         self._refs: dict[str, gs.Constant | gs.Node] | None = None
         self._index: dict[str, gs.Node] = {}
         self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
@@ -91,6 +107,7 @@ class OnnxFrontend(OnnxEdits):
         self._session_cache = None
         self._optimised_cache = None
         self._structure = None
+        self._resized = {}
         self._folded = {}
 
     def _ops(self) -> OpContext:
@@ -176,8 +193,49 @@ class OnnxFrontend(OnnxEdits):
         return self._session_cache
 
     def run(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order."""
-        return run_session(self.session(), self.graph, inputs)
+        """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order.
+        Inputs of other sizes than the fixed ones run in a session built for their sizes
+        (:meth:`shapes_at`); a size the graph cannot run at raises :class:`OnnxLoadError`."""
+        key = tuple(tuple(int(d) for d in np.shape(x)) for x in inputs)
+        fixed = tuple(self.input_shapes().values())
+        if key == fixed or len(key) != len(fixed):
+            return run_session(self.session(), self.graph, inputs)
+        try:
+            return run_session(self._resized_session(key), self.graph, inputs)
+        except Exception as exc:
+            self._sizes_refused.add(key)
+            if isinstance(exc, OnnxLoadError):
+                raise
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)}: {_first_line(exc)}") from exc
+
+    def shapes_at(self, input_shapes: Sequence[Sequence[int]]) -> dict[str, tuple[int, ...]] | None:
+        """Every value's shape when the graph inputs have ``input_shapes`` (in input
+        order), by strict ONNX shape inference on the structure alone; None when the graph
+        cannot run there (inference finds a size its constants fix, or an earlier run of
+        this model or a copy of it at that size failed)."""
+        key = tuple(tuple(int(d) for d in s) for s in input_shapes)
+        if key in self._sizes_refused:
+            return None
+        shapes = strict_shapes(self._resized_structure(key))
+        if shapes is None:
+            self._sizes_refused.add(key)
+        return shapes
+
+    def _resized_structure(self, key: InputShapes) -> onnx.ModelProto:
+        if key not in self._resized:
+            names = [t.name for t in self.graph.inputs if isinstance(t, gs.Variable)]
+            self._resized[key] = (resized_model(self.session_model().model, dict(zip(names, key))), None)
+        return self._resized[key][0]
+
+    def _resized_session(self, key: InputShapes) -> Any:
+        if key in self._sizes_refused:
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)} (it failed there before)")
+        structure = self._resized_structure(key)
+        session = self._resized[key][1]
+        if session is None:
+            session = make_session(SessionModel(structure, self.session_model().weights))
+            self._resized[key] = (structure, session)
+        return session
 
     def run_optimised(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against

@@ -39,7 +39,9 @@ from ...graph import GraphError
 from .save import export_model
 from .tensors import STRIP_NUMEL, const_value, np_dtype, proto_nbytes
 
-__all__ = ["SessionModel", "compared_constants", "example_inputs", "make_session", "run_session", "session_model"]
+__all__ = [
+    "SessionModel", "compared_constants", "example_inputs", "make_session", "resized_model", "run_session", "session_model",
+]
 
 PROTOBUF_LIMIT = 2**31 - 2**26  # bytes: a model above this does not fit one serialised protobuf
 EXTERNAL_LOCATION = "graphprune-session-weights"  # never read: the data comes as OrtValues
@@ -149,6 +151,27 @@ def make_session(model: onnx.ModelProto | SessionModel, optimise: bool = False) 
         path = os.path.join(folder, "model.onnx")
         onnx.save_model(model.model, path, save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def resized_model(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``shapes`` have those dims, with no
+    intermediate ``value_info`` and no output dims (stale at another size: onnxruntime
+    infers them again).  Meant for a :class:`SessionModel`'s structure, which is small."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        dims = shapes.get(vi.name)
+        if dims is None or not vi.type.HasField("tensor_type"):
+            continue
+        shape = vi.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    del out.graph.value_info[:]
+    for vi in out.graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    return out
 
 
 def run_session(sess: Any, graph: gs.Graph, inputs: Sequence[Any]) -> list[np.ndarray]:
