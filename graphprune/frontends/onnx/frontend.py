@@ -14,6 +14,7 @@ into them.
 from __future__ import annotations
 
 import copy as _copy
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,18 @@ from .tensors import constant_node_value, fresh_name, is_default
 __all__ = ["OnnxFrontend", "load_onnx"]
 
 InputShapes = tuple[tuple[int, ...], ...]  # one shape per graph input, in input order
+
+
+def _reshape_mismatch(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first ``Reshape`` whose inferred output has another element count than its
+    input (ONNX inference takes a constant target shape as given), if any."""
+    for node in graph.nodes:
+        if node.op != "Reshape" or len(node.inputs) < 2:
+            continue
+        src, out = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+        if src is not None and out is not None and math.prod(src) != math.prod(out):
+            return node.name
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,8 +230,9 @@ class OnnxFrontend(OnnxEdits):
         if key in self._sizes_refused:
             return None
         shapes = strict_shapes(self._resized_structure(key))
-        if shapes is None:
+        if shapes is None or _reshape_mismatch(self.graph, shapes):
             self._sizes_refused.add(key)
+            return None
         return shapes
 
     def _resized_structure(self, key: InputShapes) -> onnx.ModelProto:

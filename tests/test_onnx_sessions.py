@@ -1,0 +1,307 @@
+"""The ONNX path's cheap exactness check: onnxruntime sessions whose weights are handed
+over as arrays instead of serialised, and check probes cropped to a smaller spatial size.
+
+* A session built from the structure plus the weight arrays computes bit for bit what a
+  session on the fully serialised model computes, with and without onnxruntime's graph
+  optimisations, also through the temporary-file path for models above the protobuf
+  limit, and holds no reference to arrays edited afterwards.
+* Cropping is chosen where every conv still sees a full window at the smaller size (on
+  the shapes ONNX inference gives there) and refused where the graph fixes a size
+  (a target shape, a Gemm after a flatten) or where a constant slice would leave a conv
+  without a full window; a refused size is remembered by copies of the graph.
+* A wrong tap planted in the rewritten graph is caught at the cropped size, and where
+  cropping is refused, at the captured size.
+
+The models are built with ``onnx.helper`` (no torch).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune as gp
+from graphprune.frontends.onnx import OnnxLoadError, load_onnx
+from graphprune.frontends.onnx import run as onnx_run
+from graphprune.frontends.onnx.run import make_session, session_model
+from graphprune.frontends.onnx.save import export_model
+from graphprune.probe_size import reduced_samples, shrink_factor, windows_fit_at
+from graphprune.verify import check_exact
+
+pytestmark = pytest.mark.notorch
+
+RTOL = 1e-5
+
+
+def _conv(name: str, x: str, y: str, cin: int, cout: int, rng: np.random.Generator, inits: list, nodes: list,
+          k: int = 3, pad: int = 1, stride: int = 1) -> None:
+    w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32) * 0.1
+    inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")]
+    nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name, kernel_shape=[k, k],
+                                  pads=[pad] * 4, strides=[stride] * 2))
+
+
+def _model(nodes: list, inits: list, size: int, out_shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def pooled_net(size: int = 32) -> onnx.ModelProto:
+    """x (1, 3, s, s) -> conv 3->16 -> relu -> conv 16->32 stride 2 -> relu -> conv 32->32 ->
+    relu -> global average pool -> flatten -> Gemm 32->10 (runs at any size)."""
+    rng = np.random.default_rng(0)
+    nodes: list = []
+    inits: list = []
+    _conv("c1", "x", "a1", 3, 16, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a1"], ["r1"]))
+    _conv("c2", "r1", "a2", 16, 32, rng, inits, nodes, stride=2)
+    nodes.append(helper.make_node("Relu", ["a2"], ["r2"]))
+    _conv("c3", "r2", "a3", 32, 32, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a3"], ["r3"]))
+    nodes.append(helper.make_node("GlobalAveragePool", ["r3"], ["p"]))
+    nodes.append(helper.make_node("Flatten", ["p"], ["f"], axis=1))
+    fc = (rng.standard_normal((10, 32)) / np.sqrt(32)).astype(np.float32)
+    inits += [numpy_helper.from_array(fc, "fc.w"), numpy_helper.from_array(np.zeros(10, np.float32), "fc.b")]
+    nodes.append(helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1))
+    return _model(nodes, inits, size, [1, 10])
+
+
+def fixed_reshape_net(size: int = 16, reshape: bool = True) -> onnx.ModelProto:
+    """x -> conv 3->8 -> relu -> conv 8->8 -> relu -> a constant Reshape to (1, 8*s*s) (or a
+    Flatten) -> Gemm 8*s*s->4: the graph fixes the size."""
+    rng = np.random.default_rng(1)
+    nodes: list = []
+    inits: list = []
+    _conv("c1", "x", "a1", 3, 8, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a1"], ["r1"]))
+    _conv("c2", "r1", "a2", 8, 8, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a2"], ["r2"]))
+    features = 8 * size * size
+    if reshape:
+        inits.append(numpy_helper.from_array(np.array([1, features], np.int64), "target"))
+        nodes.append(helper.make_node("Reshape", ["r2", "target"], ["f"]))
+    else:
+        nodes.append(helper.make_node("Flatten", ["r2"], ["f"], axis=1))
+    fc = (rng.standard_normal((4, features)) / np.sqrt(features)).astype(np.float32)
+    inits += [numpy_helper.from_array(fc, "fc.w"), numpy_helper.from_array(np.zeros(4, np.float32), "fc.b")]
+    nodes.append(helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1))
+    return _model(nodes, inits, size, [1, 4])
+
+
+def sliced_net(size: int = 36) -> onnx.ModelProto:
+    """x -> conv 3->8 -> relu -> Slice [24:36] on both spatial axes (constant starts) ->
+    conv 8->8 -> relu -> conv 8->8 -> global pool -> flatten.  The convs see 36, 12 and 12
+    pixels, so the captured shapes allow a factor 4; but at 1/4 of the size (9 pixels)
+    the slice starts past the end: the later convs would see nothing at all."""
+    rng = np.random.default_rng(2)
+    nodes: list = []
+    inits: list = []
+    _conv("c1", "x", "a1", 3, 8, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a1"], ["r1"]))
+    inits += [numpy_helper.from_array(np.array([24, 24], np.int64), "starts"),
+              numpy_helper.from_array(np.array([size, size], np.int64), "ends"),
+              numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    nodes.append(helper.make_node("Slice", ["r1", "starts", "ends", "axes"], ["s"]))
+    _conv("c2", "s", "a2", 8, 8, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a2"], ["r2"]))
+    _conv("c3", "r2", "a3", 8, 8, rng, inits, nodes)
+    nodes.append(helper.make_node("GlobalAveragePool", ["a3"], ["p"]))
+    nodes.append(helper.make_node("Flatten", ["p"], ["y"], axis=1))
+    return _model(nodes, inits, size, [1, 8])
+
+
+def _load(model: onnx.ModelProto) -> gp.Graph:
+    return load_onnx(model)
+
+
+def _full_session(graph: gp.Graph, optimise: bool = False) -> ort.InferenceSession:
+    """A session on the fully serialised model (the way sessions were built before)."""
+    fe = graph.frontend
+    return make_session(export_model(fe.graph, fe._shell), optimise=optimise)
+
+
+def _outputs(sess: ort.InferenceSession, xs: list[np.ndarray]) -> list[np.ndarray]:
+    return sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), xs)})
+
+
+# ------------------------------------------------------------- sessions
+@pytest.mark.parametrize("optimise", [False, True])
+def test_session_with_weights_by_reference_matches_the_serialised_model(optimise: bool) -> None:
+    graph = _load(pooled_net())
+    structure = session_model(graph.frontend.graph, graph.frontend._shell)
+    # the large weights go as arrays; the small ones (biases, 10x32 Gemm) stay embedded
+    assert sorted(structure.weights) == ["c2.w", "c3.w"]
+    assert structure.model.ByteSize() < 0.25 * sum(a.nbytes for a in structure.weights.values())
+    by_reference = make_session(structure, optimise=optimise)
+    full = _full_session(graph, optimise=optimise)
+    for seed in range(2):
+        xs = graph.random_inputs(seed)
+        for a, b in zip(_outputs(by_reference, xs), _outputs(full, xs)):
+            assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_session_copies_the_weights_in() -> None:
+    graph = _load(pooled_net())
+    structure = session_model(graph.frontend.graph, graph.frontend._shell)
+    sess = make_session(structure)
+    xs = graph.random_inputs(0)
+    before = _outputs(sess, xs)[0]
+    structure.weights["c3.w"][...] = 0.0  # the session must not read the array afterwards
+    assert np.array_equal(_outputs(sess, xs)[0], before)
+
+
+def test_temporary_file_path_for_large_structures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the protobuf limit the structure goes through a file; the referenced weights
+    still come as arrays (the limit is lowered so that this small model takes that path)."""
+    graph = _load(pooled_net())
+    expected = _outputs(_full_session(graph), graph.random_inputs(0))
+    monkeypatch.setattr(onnx_run, "PROTOBUF_LIMIT", 16)
+    structure = session_model(graph.frontend.graph, graph.frontend._shell)
+    assert onnx_run.proto_nbytes(structure.model) >= 16
+    got = _outputs(make_session(structure), graph.random_inputs(0))
+    assert np.array_equal(got[0], expected[0])
+
+
+def test_graph_run_reuses_one_export_for_both_sessions() -> None:
+    graph = _load(pooled_net())
+    fe = graph.frontend
+    xs = graph.random_inputs(0)
+    plain = graph.run(*xs)
+    structure = fe._structure
+    assert structure is not None
+    optimised = fe.run_optimised(xs)
+    assert fe._structure is structure
+    assert gp.verify.relative_error(optimised, plain) < 1e-5
+    graph.set_param("c3.b", np.zeros(32, np.float32))  # an edit invalidates it
+    assert fe._structure is None
+
+
+# ------------------------------------------------------------- cropping
+def test_cropping_chosen_where_every_window_fits() -> None:
+    graph = _load(pooled_net(32))
+    # conv inputs: 32, 32 and 16 pixels wide, 3x3 kernels: 16 // 3 = 5, capped at 4
+    assert shrink_factor(graph) == 4
+    small = reduced_samples(graph, [graph.random_inputs(0), graph.random_inputs(1)])
+    assert small is not None
+    assert [tuple(x.shape) for row in small for x in row] == [(1, 3, 8, 8)] * 2
+    shapes = graph.frontend.shapes_at([(1, 3, 8, 8)])
+    assert shapes["r2"] == (1, 32, 4, 4) and shapes["y"] == (1, 10)
+    out = graph.run(*small[0])[0]
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("reshape", [True, False], ids=["constant-reshape", "flatten"])
+def test_cropping_refused_where_the_graph_fixes_a_size(reshape: bool) -> None:
+    graph = _load(fixed_reshape_net(16, reshape=reshape))
+    assert shrink_factor(graph) == 4  # the captured shapes alone would allow it
+    samples = [graph.random_inputs(0)]
+    assert reduced_samples(graph, samples) is None
+    assert graph.frontend.shapes_at([(1, 3, 4, 4)]) is None  # strict inference finds the fixed size
+    assert ((1, 3, 4, 4),) in graph.frontend._sizes_refused
+    copy = graph.copy()
+    assert ((1, 3, 4, 4),) in copy.frontend._sizes_refused  # copies (references, rewrites) know it
+    with pytest.raises(OnnxLoadError, match="cannot run at input shapes"):
+        copy.run(np.zeros((1, 3, 4, 4), np.float32))
+
+
+def test_cropping_refused_where_a_slice_leaves_a_conv_without_a_window() -> None:
+    graph = _load(sliced_net(36))
+    assert shrink_factor(graph) == 4
+    assert not windows_fit_at(graph, [(1, 3, 9, 9)])
+    assert windows_fit_at(graph, [(1, 3, 36, 36)])
+    assert reduced_samples(graph, [graph.random_inputs(0)]) is None
+
+
+def _prune(graph: gp.Graph) -> gp.PassResult:
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    assert result.modified
+    assert gp.graph_cost(result.graph).macs < gp.graph_cost(graph).macs
+    return result
+
+
+def _corrupt_corner_tap(result: gp.PassResult, conv: str) -> None:
+    """Add 1 to the top-left tap of every kept filter of ``conv`` in the rewritten graph:
+    a tap that meets data only away from the top-left border."""
+    g = result.graph
+    key = g.find(conv).params["weight"]
+    w = g.param(key).copy()
+    w[:, :, 0, 0] += 1.0
+    g.set_param(key, w)
+
+
+def _ran_at(graph: gp.Graph) -> set[tuple[tuple[int, ...], ...]]:
+    return set(graph.frontend._resized)
+
+
+@pytest.mark.parametrize("conv", ["c1", "c3"])
+def test_wrong_tap_caught_at_the_cropped_size(conv: str) -> None:
+    graph = _load(pooled_net(32))
+    result = _prune(graph)
+    reference = result.reference()
+    ok = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
+    assert ok.passed and ok.error <= RTOL
+    assert _ran_at(result.graph) == {((1, 3, 8, 8),)}  # it ran at the cropped size, not at 32x32
+    assert result.graph.frontend._session_cache is None
+    _corrupt_corner_tap(result, conv)
+    bad = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
+    assert not bad.passed and bad.error > 1e-3
+    assert _ran_at(result.graph) == {((1, 3, 8, 8),)}
+
+
+def test_wrong_tap_caught_at_the_captured_size_when_cropping_is_refused() -> None:
+    graph = _load(fixed_reshape_net(16))
+    result = _prune(graph)
+    reference = result.reference()
+    ok = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
+    assert ok.passed
+    assert _ran_at(result.graph) == set() and result.graph.frontend._session_cache is not None
+    _corrupt_corner_tap(result, "c2")
+    bad = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
+    assert not bad.passed and bad.error > 1e-3
+
+
+def test_pipeline_check_crops_and_freezes_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gp.run's check at the cropped size passes a correct rewrite; with a rewrite that
+    corrupts the deepest conv's corner tap, the check fails there and freezing keeps the
+    graph exact."""
+    graph = _load(pooled_net(32))
+    clean = gp.run(graph, "prune-channels{ratio=0.5}")
+    assert clean.checks[0] is not None and clean.checks[0].passed
+    assert _ran_at(clean.graph) == {((1, 3, 8, 8),)}
+
+    import graphprune.passes.prune_channels as prune_channels
+
+    original = prune_channels.remove_channels
+
+    def corrupting(work, *args, **kwargs):  # type: ignore[no-untyped-def]
+        removed = original(work, *args, **kwargs)
+        key = work.find("c3").params["weight"]
+        w = work.param(key).copy()
+        w[:, :, 0, 0] += 1.0
+        work.set_param(key, w)
+        return removed
+
+    monkeypatch.setattr(prune_channels, "remove_channels", corrupting)
+    with pytest.raises(gp.VerificationError, match="differs from the projected reference"):
+        gp.run(graph, "prune-channels{ratio=0.5}", freeze=False)
+
+
+def test_wrong_tap_behind_a_slice_caught() -> None:
+    """At 1/4 of the size the slice in front of c2 and c3 would be empty; cropping is
+    refused there and the corrupted c3 is caught at the captured size."""
+    graph = _load(sliced_net(36))
+    result = _prune(graph)
+    reference = result.reference()
+    assert check_exact(result.graph, reference, rtol=RTOL, shrink=True).passed
+    assert _ran_at(result.graph) == set()
+    _corrupt_corner_tap(result, "c3")
+    bad = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
+    assert not bad.passed and bad.error > 1e-3
