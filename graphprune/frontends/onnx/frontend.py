@@ -110,7 +110,8 @@ class OnnxFrontend(OnnxEdits):
         self._session_cache: Any = None
         self._optimised_cache: Any = None
         self._structure: SessionModel | None = None
-        self._resized: dict[InputShapes, tuple[onnx.ModelProto, Any]] = {}  # size -> (structure, session or None)
+        self._resized: dict[InputShapes, onnx.ModelProto] = {}  # other input sizes -> structure
+        self._resized_sessions: dict[tuple[InputShapes, bool], Any] = {}  # (size, optimised) -> session
         self._refs: dict[str, gs.Constant | gs.Node] | None = None
         self._index: dict[str, gs.Node] = {}
         self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
@@ -121,6 +122,7 @@ class OnnxFrontend(OnnxEdits):
         self._optimised_cache = None
         self._structure = None
         self._resized = {}
+        self._resized_sessions = {}
         self._folded = {}
 
     def _ops(self) -> OpContext:
@@ -209,12 +211,20 @@ class OnnxFrontend(OnnxEdits):
         """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order.
         Inputs of other sizes than the fixed ones run in a session built for their sizes
         (:meth:`shapes_at`); a size the graph cannot run at raises :class:`OnnxLoadError`."""
+        return self._run(inputs, optimise=False)
+
+    def run_optimised(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
+        :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
+        return self._run(inputs, optimise=True)
+
+    def _run(self, inputs: Sequence[Any], optimise: bool) -> list[np.ndarray]:
         key = tuple(tuple(int(d) for d in np.shape(x)) for x in inputs)
         fixed = tuple(self.input_shapes().values())
         if key == fixed or len(key) != len(fixed):
-            return run_session(self.session(), self.graph, inputs)
+            return run_session(self._optimised_session() if optimise else self.session(), self.graph, inputs)
         try:
-            return run_session(self._resized_session(key), self.graph, inputs)
+            return run_session(self._resized_session(key, optimise), self.graph, inputs)
         except Exception as exc:
             self._sizes_refused.add(key)
             if isinstance(exc, OnnxLoadError):
@@ -238,25 +248,22 @@ class OnnxFrontend(OnnxEdits):
     def _resized_structure(self, key: InputShapes) -> onnx.ModelProto:
         if key not in self._resized:
             names = [t.name for t in self.graph.inputs if isinstance(t, gs.Variable)]
-            self._resized[key] = (resized_model(self.session_model().model, dict(zip(names, key))), None)
-        return self._resized[key][0]
+            self._resized[key] = resized_model(self.session_model().model, dict(zip(names, key)))
+        return self._resized[key]
 
-    def _resized_session(self, key: InputShapes) -> Any:
+    def _resized_session(self, key: InputShapes, optimise: bool) -> Any:
         if key in self._sizes_refused:
             raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)} (it failed there before)")
-        structure = self._resized_structure(key)
-        session = self._resized[key][1]
+        session = self._resized_sessions.get((key, optimise))
         if session is None:
-            session = make_session(SessionModel(structure, self.session_model().weights))
-            self._resized[key] = (structure, session)
+            structure = SessionModel(self._resized_structure(key), self.session_model().weights)
+            session = self._resized_sessions[key, optimise] = make_session(structure, optimise=optimise)
         return session
 
-    def run_optimised(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
-        :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
+    def _optimised_session(self) -> Any:
         if self._optimised_cache is None:
             self._optimised_cache = make_session(self.session_model(), optimise=True)
-        return run_session(self._optimised_cache, self.graph, inputs)
+        return self._optimised_cache
 
     def example_inputs(self) -> list[np.ndarray]:
         return list(self._inputs)
