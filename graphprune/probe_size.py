@@ -44,14 +44,16 @@ WINDOW_KINDS = ("conv", "conv_transpose", "pool")
 
 def shrink_factor(graph: Graph, max_factor: int = 4) -> int:
     """The largest ``f <= max_factor`` keeping every conv/pool input at least one dilated
-    kernel wide on every spatial axis at ``1/f`` of the captured size (1: do not shrink)."""
+    kernel wide on every spatial axis at ``1/f`` of the captured size (1: do not shrink).
+    Axes whose window is one wide never limit it: cropping keeps every axis non-empty."""
     best = max_factor
     for node in graph.nodes:
         shape = _window_input_shape(graph, node)
         if shape is None:
             continue
         for size, extent in zip(shape[2:], _extents(node, len(shape) - 2)):
-            best = min(best, max(size // extent, 1))
+            if extent > 1:  # a one-wide window fits any non-empty axis (a 1x1 conv after global pooling)
+                best = min(best, max(size // extent, 1))
     return best
 
 

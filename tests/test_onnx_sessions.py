@@ -120,6 +120,27 @@ def sliced_net(size: int = 36) -> onnx.ModelProto:
     return _model(nodes, inits, size, [1, 8])
 
 
+def se_net(size: int = 32) -> onnx.ModelProto:
+    """x -> conv 3->16 -> relu -> squeeze-excite (global pool -> 1x1 conv 16->4 -> relu ->
+    1x1 conv 4->16 -> sigmoid -> mul) -> conv 16->16 -> global pool -> flatten.  The
+    excite convs see 1x1 inputs at every input size."""
+    rng = np.random.default_rng(3)
+    nodes: list = []
+    inits: list = []
+    _conv("c1", "x", "a1", 3, 16, rng, inits, nodes)
+    nodes.append(helper.make_node("Relu", ["a1"], ["r1"]))
+    nodes.append(helper.make_node("GlobalAveragePool", ["r1"], ["g"]))
+    _conv("fc1", "g", "e1", 16, 4, rng, inits, nodes, k=1, pad=0)
+    nodes.append(helper.make_node("Relu", ["e1"], ["e2"]))
+    _conv("fc2", "e2", "e3", 4, 16, rng, inits, nodes, k=1, pad=0)
+    nodes.append(helper.make_node("Sigmoid", ["e3"], ["gate"]))
+    nodes.append(helper.make_node("Mul", ["r1", "gate"], ["m"]))
+    _conv("c2", "m", "a2", 16, 16, rng, inits, nodes)
+    nodes.append(helper.make_node("GlobalAveragePool", ["a2"], ["p"]))
+    nodes.append(helper.make_node("Flatten", ["p"], ["y"], axis=1))
+    return _model(nodes, inits, size, [1, 16])
+
+
 def _load(model: onnx.ModelProto) -> gp.Graph:
     return load_onnx(model)
 
@@ -332,3 +353,19 @@ def test_failure_at_the_cropped_size_is_confirmed_at_the_captured_size(monkeypat
     check = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
     assert sizes == [(1, 3, 8, 8), (1, 3, 32, 32)]
     assert check.passed and check.error <= RTOL
+
+
+def test_one_wide_windows_after_global_pooling_do_not_limit_the_factor() -> None:
+    """The excite convs' 1x1 inputs stay 1x1 at any size: only the 3x3 convs (32 pixels)
+    set the factor, and the check at that size passes a correct rewrite and catches a
+    wrong tap in the last conv."""
+    graph = _load(se_net(32))
+    assert shrink_factor(graph) == 4
+    assert graph.frontend.shapes_at([(1, 3, 8, 8)])["e1"] == (1, 4, 1, 1)
+    result = _prune(graph)
+    reference = result.reference()
+    assert check_exact(result.graph, reference, rtol=RTOL, shrink=True).passed
+    assert _ran_at(result.graph) == {((1, 3, 8, 8),)}
+    _corrupt_corner_tap(result, "c2")
+    small = reduced_samples(reference, [reference.random_inputs(0)])
+    assert small is not None and compare(result.graph, reference, inputs=small) > 1e-3
