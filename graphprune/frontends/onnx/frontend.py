@@ -8,8 +8,12 @@ normalising (:mod:`.load`), shapes (:mod:`.shapes`), the view (:mod:`.classify`)
 
 :meth:`OnnxFrontend.commit` cleans up, sorts and re-infers shapes.  :meth:`OnnxFrontend.run`
 uses an onnxruntime CPU session with graph optimisations disabled, cached until the next
-edit.  A copy shares weight arrays with its original: edits replace arrays, never write
-into them.
+edit; it is built from the graph's structure with the weights handed over as arrays
+(:func:`~graphprune.frontends.onnx.run.session_model`, exported once per edit for every
+session).  Inputs of another size run in a session built for that size, where
+:meth:`OnnxFrontend.shapes_at` infers every shape first (the cropped check probes of
+:mod:`graphprune.probe_size`); a size that fails is remembered by every copy.  A copy
+shares weight arrays with its original: edits replace arrays, never write into them.
 """
 from __future__ import annotations
 

@@ -65,29 +65,25 @@ def session_model(graph: gs.Graph, header: onnx.ModelProto) -> SessionModel:
     return SessionModel(model, weights)
 
 
-def _by_reference(graph: gs.Graph, weights: dict[str, np.ndarray]) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _by_reference(graph: gs.Graph, weights: dict[str, np.ndarray]) -> Iterator[None]:
     """While exporting, let each large top-level constant stand for an external-data
     reference (its values are swapped back afterwards); collect the arrays in ``weights``."""
     inner = _subgraph_tensor_names(graph)
     swapped: list[tuple[gs.Constant, Any]] = []
     seen: set[int] = set()
-    for node in graph.nodes:
-        for t in node.inputs:
-            if not isinstance(t, gs.Constant) or id(t) in seen or t.name in inner:
-                continue
-            seen.add(id(t))
-            array = _referenceable(t)
-            if array is None:
-                continue
-            weights[t.name] = array
-            swapped.append((t, t._values))
-            t._values = LazyValues(_reference_proto(t.name, array))
-    return _restoring(swapped)
-
-
-@contextlib.contextmanager
-def _restoring(swapped: list[tuple[gs.Constant, Any]]) -> Iterator[None]:
     try:
+        for node in graph.nodes:
+            for t in node.inputs:
+                if not isinstance(t, gs.Constant) or id(t) in seen or t.name in inner:
+                    continue
+                seen.add(id(t))
+                array = _referenceable(t)
+                if array is None:
+                    continue
+                weights[t.name] = array
+                swapped.append((t, t._values))
+                t._values = LazyValues(_reference_proto(t.name, array))
         yield
     finally:
         for t, values in swapped:
@@ -104,7 +100,7 @@ def _referenceable(t: gs.Constant) -> np.ndarray | None:
         onnx.helper.np_dtype_to_tensor_dtype(dtype)
     except (TypeError, KeyError, ValueError):
         return None
-    if dtype.kind not in "fiub" or dtype.itemsize > 8:
+    if dtype.kind not in "fiub" or dtype.itemsize > 8 or dtype.byteorder not in "=|":
         return None
     return np.ascontiguousarray(t.values)
 
@@ -142,6 +138,9 @@ def make_session(model: onnx.ModelProto | SessionModel, optimise: bool = False) 
     level = ort.GraphOptimizationLevel
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimise else level.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    # idle worker threads sleep instead of spinning: a check runs a few forwards, often on
+    # a machine busy with other work, where spinning threads only take cores from it
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if model.weights:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.weights.values()]
         opts.add_external_initializers(list(model.weights), values)  # copied in while the session loads
