@@ -59,6 +59,7 @@ import numpy as np
 
 from .arrays import as_numpy
 
+from .gcpause import gc_paused
 from .profile import stage
 
 
@@ -160,6 +161,10 @@ def _accepts_resized(frontend: Frontend) -> bool:
     return "resized" in inspect.signature(frontend.commit).parameters
 
 
+_VIEW_FIELDS = ("nodes", "values", "inputs", "outputs", "_by_name", "_producer", "_consumers")
+"""What :meth:`Graph._read_view` derives from the frontend (shared by a :meth:`Graph.with_weights` copy)."""
+
+
 class Graph:
     """A frontend-neutral, topologically ordered view with edit operations."""
 
@@ -254,19 +259,23 @@ class Graph:
         self.frontend.set_param(key, np.take(array, np.asarray(list(keep), dtype=np.int64), axis=axis))
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
-        self.frontend.set_attr(node, key, value)
+        self._own_structure()
+        self.frontend.set_attr(self._by_name.get(node.name, node), key, value)
 
     def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
-        self.frontend.replace_node(node, new)
+        self._own_structure()
+        self.frontend.replace_node(self._by_name.get(node.name, node), new)
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Iterable[Node]) -> None:
         """Feed ``consumers`` with ``value`` reindexed along ``axis`` (``out[i] = in[index[i]]``)."""
-        self.frontend.insert_gather(value, axis, list(index), list(consumers))
+        self._own_structure()
+        self.frontend.insert_gather(value, axis, list(index), [self._by_name.get(c.name, c) for c in consumers])
 
     def commit(self, resized: Mapping[Port, int] | None = None) -> None:
         """Finish a batch of edits: the frontend re-derives metadata and shapes, the view
         is rebuilt.  ``resized`` (new sizes of the ports an edit changed) lets a frontend
         patch shapes instead of propagating them again."""
+        self._own_structure()
         if resized is not None and _accepts_resized(self.frontend):
             self.frontend.commit(resized)  # type: ignore[call-arg]
         else:
@@ -276,6 +285,32 @@ class Graph:
     def copy(self) -> "Graph":
         with stage("copies"):
             return Graph(self.frontend.copy())
+
+    def with_weights(self, params: Mapping[str, Any]) -> "Graph":
+        """This graph with the parameters in ``params`` (key -> numpy array or tensor)
+        replaced, e.g. the projected reference.  Where the frontend can
+        (``with_weights``), the copy shares this graph's structure and view: nothing is
+        re-read or recompiled, and only the replaced tensors are new.  The first
+        structural edit on it makes its structure its own (a full :meth:`copy`)."""
+        make = getattr(self.frontend, "with_weights", None)
+        if make is None:
+            out = self.copy()
+            for key, value in params.items():
+                out.set_param(key, value)
+            return out
+        with stage("copies"):
+            out = Graph.__new__(Graph)
+            out.frontend = make({key: as_numpy(value) for key, value in params.items()})
+            out._emitted = type(self._emitted)()
+            out.__dict__.update({k: getattr(self, k) for k in _VIEW_FIELDS})
+            out._shared_structure = True
+        return out
+
+    def _own_structure(self) -> None:
+        """Before a structural edit of a :meth:`with_weights` copy: a structure of its own."""
+        if self.__dict__.pop("_shared_structure", False):
+            self.frontend = self.frontend.copy()
+            self._rebuild()
 
     # --------------------------------------------------------------- executing
     def run(self, *inputs: Any) -> list[Any]:
@@ -326,6 +361,7 @@ class Graph:
         return arrays if convert is None else convert(arrays)
 
     # ------------------------------------------------------------------- emit
+    @gc_paused
     def to_module(self) -> Any:
         """The graph as an ``nn.Module`` (PyTorch frontends only)."""
         to_module = getattr(self.frontend, "to_module", None)
@@ -335,6 +371,7 @@ class Graph:
         self._emitted.add(module)
         return module
 
+    @gc_paused
     def to_onnx(self, path: str, **options: Any) -> None:
         """Write the graph as an ONNX file (atomically).  Refused while a module from
         :meth:`to_module` has been changed (fine-tuned) since: the file would hold the

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Collection
 
 from .errors import BudgetError, PassOptionError, VerificationError
+from .gcpause import gc_paused
 from .graph import Graph, GraphError
 from .profile import stage
 from .projection import Projection
@@ -87,6 +88,7 @@ class Pass:
     uses_data: ClassVar[bool] = False
     """A pass that can use calibration data sets this; its ``call`` takes ``data=``."""
 
+    @gc_paused
     def __call__(self, graph: Graph, data: Any = None) -> PassResult:
         self.check_lossless()
         self.validate()

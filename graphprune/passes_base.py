@@ -22,6 +22,7 @@ from .pass_api import PASSES, Pass, PassResult, register_pass  # noqa: F401  (re
 from .probes import CheckInputs, check_samples
 from .freeze import can_freeze, freeze_inexact
 from .verify import ExactnessCheck, check_exact, refusal
+from .gcpause import gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def _with_lossless(p: Pass) -> Pass:
     return p
 
 
+@gc_paused
 def run(
     graph: Graph, pipeline: str | Sequence[Pass] | Pass, *, data: Any = None, verify: bool = True,
     lossless: bool = False, rtol: float | None = None, check_inputs: CheckInputs | None = None, freeze: bool = True,

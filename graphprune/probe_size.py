@@ -7,102 +7,127 @@ every tap of its window:
 
 * the passes edit channels (which slices exist), kernel rings, groups and ranks of
   convs and linear layers; all of these act the same at every spatial position, so a
-  wrong channel, tap or block shows at any position where the window covers data;
-* if every conv's (and pooling window's) input is at least as large as its dilated
-  kernel on every spatial axis, every tap of every kernel meets a real input value at
-  some output position, and its border positions meet the padding, so each weight and
-  each padding change the rewrite made still reaches the output;
+  wrong channel, tap or block shows at any output position where that tap reads data;
+* so the condition is, per conv and spatial axis: every tap ``j`` of the kernel reads a
+  real input pixel at some output position ``t``, i.e. ``0 <= t*stride - pad + j*dilation
+  < size`` for some ``0 <= t < out`` (:func:`taps_reach_data`).  Then each weight reaches
+  the output, and so does each padding position (the border outputs read it); a
+  transposed conv must see an input at least one dilated kernel wide;
 * batch and channel axes are kept, so every channel slice of every op is still there.
 
-:func:`shrink_factor` is the largest integer factor ``f <= max_factor`` for which the
-captured shapes divided by ``f`` still satisfy the window condition at every conv and
-pool; :func:`reduced_samples` crops each image-like probe (rank 4 or 5: batch,
-channels, spatial axes) to ``ceil(size / f)`` on its spatial axes.  Only graphs that
-run at another size are cropped (``frontend.shape_polymorphic``: fx, whose code is the
-model's own Python, and ONNX, which builds a session per size); a graph whose ops fix a
-size (a flatten into a linear layer without pooling, fixed position embeddings) fails
-there, and the caller then checks at the captured size.  A frontend that can infer
-every value's shape at the cropped size without running (``frontend.shapes_at``: ONNX)
-has the window condition checked on those shapes, not on the captured ones divided by
-``f``: a slice or a fixed-size resize in between would make them differ; where that
-inference already fails, nothing is cropped.  User-given check inputs are never shrunk.
+Sizes at a smaller input are not known before running, so the check picks candidate
+factors ``f`` from sizes estimated as ``ceil(captured / f)`` (:func:`candidate_factors`),
+crops each image-like probe (rank 4 or 5: batch, channels, spatial axes) to
+``ceil(size / f)`` on its spatial axes (:func:`crop`), runs the reference there recording
+the real input and output sizes of every conv (:func:`window_values`), and accepts the
+factor only if the condition holds on those recorded sizes (:func:`violated_window`);
+otherwise the next candidate is tried, and at last the captured size.  Only graphs
+whose code computes sizes at run time (the fx frontend: the model's own Python) run at
+another size; a graph whose ops fix a size (a flatten into a linear layer without
+pooling, fixed position embeddings) fails there and is checked at the captured size.
+User-given check inputs are never shrunk.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .arrays import as_numpy
 from .graph import Graph, Node
 
-__all__ = ["reduced_samples", "shrink_factor", "windows_fit_at"]
+__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "taps_reach_data", "violated_window",
+           "window_values"]
 
-WINDOW_KINDS = ("conv", "conv_transpose", "pool")
+WINDOW_KINDS = ("conv", "conv_transpose")
+MAX_FACTOR = 16
 
-
-def shrink_factor(graph: Graph, max_factor: int = 4) -> int:
-    """The largest ``f <= max_factor`` keeping every conv/pool input at least one dilated
-    kernel wide on every spatial axis at ``1/f`` of the captured size (1: do not shrink).
-    Axes whose window is one wide never limit it: cropping keeps every axis non-empty."""
-    best = max_factor
-    for node in graph.nodes:
-        shape = _window_input_shape(graph, node)
-        if shape is None:
-            continue
-        for size, extent in zip(shape[2:], _extents(node, len(shape) - 2)):
-            if extent > 1:  # a one-wide window fits any non-empty axis (a 1x1 conv after global pooling)
-                best = min(best, max(size // extent, 1))
-    return best
+SizeOf = Callable[[str], "tuple[int, ...] | None"]
 
 
-def _window_input_shape(graph: Graph, node: Node) -> tuple[int, ...] | None:
-    """The captured shape of a conv's or pool's input (None for other nodes, or no spatial axes)."""
-    if node.kind not in WINDOW_KINDS or not node.inputs:
-        return None
-    shape = graph.shape(node.inputs[0])
-    return tuple(shape) if shape is not None and len(shape) >= 3 else None
-
-
-def _extents(node: Node, rank: int) -> tuple[int, ...]:
-    """Per spatial axis, the dilated kernel's extent ``d * (k - 1) + 1``."""
-    kernel = tuple(node.attrs.get("kernel", ())) or (1,) * rank
-    dilation = tuple(node.attrs.get("dilation", ())) or (1,) * rank
-    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
-
-
-def windows_fit_at(graph: Graph, input_shapes: Sequence[Sequence[int]]) -> bool:
-    """Whether every conv and pool sees a full window when the graph inputs have
-    ``input_shapes``, judged on the shapes the frontend infers there
-    (``frontend.shapes_at``); False when it cannot infer them (the graph cannot run
-    there), True for frontends without that inference (their sizes follow the code)."""
-    shapes_at = getattr(graph.frontend, "shapes_at", None)
-    if shapes_at is None:
-        return True
-    shapes = shapes_at(input_shapes)
-    if shapes is None:
-        return False
-    for node in graph.nodes:
-        if _window_input_shape(graph, node) is None:
-            continue
-        small = shapes.get(node.inputs[0])
-        if small is None:
-            return False
-        if any(size < extent for size, extent in zip(small[2:], _extents(node, len(small) - 2))):
+def taps_reach_data(size: int, out: int, kernel: int, stride: int = 1, dilation: int = 1, pad: int = 0) -> bool:
+    """True when every tap ``j < kernel`` reads an input index in ``[0, size)`` at some
+    output position ``t < out``: ``0 <= t*stride - pad + j*dilation < size``."""
+    for j in range(kernel):
+        offset = j * dilation - pad
+        t = max(0, -(offset // stride))  # the first t with t*stride + offset >= 0
+        if t >= out or t * stride + offset >= size:
             return False
     return True
 
 
-def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: int = 4) -> list[list[np.ndarray]] | None:
-    """``samples`` (numpy arrays or tensors) as numpy arrays, image-like inputs cropped by
-    :func:`shrink_factor`; None when the graph cannot run at another size, nothing
-    would shrink, or a window would not fit there (:func:`windows_fit_at`)."""
-    if not getattr(graph.frontend, "shape_polymorphic", False):
-        return None
-    f = shrink_factor(graph, max_factor)
-    if f < 2:
-        return None
+def _window(node: Node, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """kernel, stride, dilation, begin pads, end pads of a conv over ``rank`` spatial axes."""
+    one = (1,) * rank
+    kernel = tuple(node.attrs.get("kernel", ())) or one
+    stride = tuple(node.attrs.get("stride", ())) or one
+    dilation = tuple(node.attrs.get("dilation", ())) or one
+    pads = tuple(node.attrs.get("pads", ())) or (0,) * (2 * rank)
+    return kernel, stride, dilation, pads[:rank], pads[rank:]
+
+
+def _node_ok(node: Node, size: Sequence[int], out: Sequence[int] | None) -> bool:
+    """The window condition at one conv with input spatial ``size`` (and output ``out``)."""
+    kernel, stride, dilation, begin, end = _window(node, len(size))
+    for axis, s in enumerate(size):
+        k, st, d, pb, pe = kernel[axis], stride[axis], dilation[axis], begin[axis], end[axis]
+        if node.kind == "conv_transpose":
+            if s < d * (k - 1) + 1:
+                return False
+            continue
+        o = out[axis] if out is not None else (s + pb + pe - d * (k - 1) - 1) // st + 1
+        if not taps_reach_data(s, o, k, st, d, pb):
+            return False
+    return True
+
+
+def _windows(graph: Graph) -> list[Node]:
+    return [n for n in graph.nodes if n.kind in WINDOW_KINDS and n.inputs and n.outputs]
+
+
+def violated_window(graph: Graph, size_of: SizeOf, outputs: bool = True) -> Node | None:
+    """The first conv of ``graph`` where some tap reads no data at the sizes ``size_of``
+    gives (value name -> full shape, None if unknown); None when every conv passes.
+    Output sizes come from ``size_of`` too when ``outputs``, else from the window formula."""
+    for node in _windows(graph):
+        shape = size_of(node.inputs[0])
+        out = size_of(node.outputs[0]) if outputs else None
+        if shape is None or len(shape) < 3:
+            continue
+        if not _node_ok(node, shape[2:], out[2:] if out is not None and len(out) == len(shape) else None):
+            return node
+    return None
+
+
+def window_values(graph: Graph) -> set[str]:
+    """The values whose sizes :func:`violated_window` reads: input and output of each conv."""
+    return {v for n in _windows(graph) for v in (n.inputs[0], n.outputs[0])}
+
+
+def candidate_factors(graph: Graph, max_factor: int = MAX_FACTOR) -> list[int]:
+    """Factors ``f`` (largest first, each >= 2) at which the window condition holds on
+    sizes estimated as ``ceil(captured / f)``; the recorded sizes decide (see module doc)."""
+    def estimate(f: int) -> SizeOf:
+        def size_of(value: str) -> tuple[int, ...] | None:
+            shape = graph.shape(value)
+            if shape is None or len(shape) < 3:
+                return shape
+            return (*shape[:2], *(math.ceil(s / f) for s in shape[2:]))
+        return size_of
+
+    return [f for f in range(max_factor, 1, -1) if violated_window(graph, estimate(f), outputs=False) is None]
+
+
+def shrink_factor(graph: Graph, max_factor: int = MAX_FACTOR) -> int:
+    """The largest candidate factor (:func:`candidate_factors`), 1 when none."""
+    factors = candidate_factors(graph, max_factor)
+    return factors[0] if factors else 1
+
+
+def crop(samples: Sequence[Sequence[Any]], f: int) -> list[list[np.ndarray]] | None:
+    """``samples`` as numpy arrays, each floating rank-4/5 input cropped to ``ceil(size /
+    f)`` on its spatial axes (batch and channels kept); None when nothing is image-like."""
     out, shrunk = [], False
     for xs in samples:
         row = []
@@ -114,7 +139,18 @@ def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: 
                 shrunk = True
             row.append(x)
         out.append(row)
-    if not shrunk:
+    return out if shrunk else None
+
+
+def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: int = MAX_FACTOR) -> list[list[np.ndarray]] | None:
+    """``samples`` cropped by :func:`shrink_factor` (not yet confirmed by recorded sizes);
+    None when the graph cannot run at another size or nothing would shrink."""
+    if not getattr(graph.frontend, "shape_polymorphic", False):
         return None
-    sizes = {tuple(tuple(x.shape) for x in row) for row in out}
-    return out if all(windows_fit_at(graph, size) for size in sizes) else None
+    f = shrink_factor(graph, max_factor)
+    return crop(samples, f) if f >= 2 else None
+
+
+def recorded_size_of(shapes: Mapping[str, tuple[int, ...]]) -> SizeOf:
+    """``size_of`` over the shapes a recording run returned."""
+    return lambda value: shapes.get(value)

@@ -59,7 +59,11 @@ class Projection:
         masks[key] = mask.copy() if old is None else old * mask
 
     def project(self, key: str, value: np.ndarray) -> np.ndarray:
-        """``mask * f(value)`` for parameter ``key`` (numpy, in ``value``'s dtype)."""
+        """``mask * f(value)`` for parameter ``key`` (numpy, in ``value``'s dtype; a new
+        array, ``value`` is not written).  A key with zeroed slices only is copied once and
+        the slices set to zero, without building its mask."""
+        if key not in self.functions and key not in self._masks and key in self._zeros:
+            return _zero_slices(value, self._zeros[key][1])
         out = value
         if key in self.functions:
             out = self.functions[key](out)
@@ -75,10 +79,7 @@ class Projection:
 
     def apply(self, graph: Graph) -> Graph:
         """The projected reference: a copy of ``graph`` with projected weights."""
-        ref = graph.copy()
-        for key in self.keys():
-            ref.set_param(key, self.project(key, ref.param(key)))
-        return ref
+        return graph.with_weights({key: self.project(key, graph.param(key)) for key in self.keys()})
 
     def projected_model(self, model: Any) -> Any:
         """A copy of the ``nn.Module`` ``model`` whose parameters stay projected while it
@@ -106,3 +107,13 @@ def bake(model: Any) -> Any:
     from .training.parametrize import bake as _bake
 
     return _bake(model)
+
+
+def _zero_slices(value: np.ndarray, slices: list[tuple[int, list[int]]]) -> np.ndarray:
+    """A copy of ``value`` with ``index`` set to zero along ``axis`` for each (axis, index)."""
+    out = np.array(value, copy=True)
+    for axis, index in slices:
+        where: list[Any] = [slice(None)] * out.ndim
+        where[axis] = np.asarray(index, dtype=np.int64)
+        out[tuple(where)] = 0
+    return out

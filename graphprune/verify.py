@@ -139,11 +139,11 @@ def check_exact(
     reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
     measured only when the error exceeds the floor (below it the tolerance cannot
     matter), unless ``always_measure`` (reports that show it).  ``shrink`` first checks on
-    the samples cropped to the smallest spatial size at which every conv and pool still
-    sees a full window (:mod:`graphprune.probe_size`, which states why that proves the
-    same), and on the samples as given when the graphs cannot run at that size or the
-    check fails there (rounding grows differently with the size: a failure counts only
-    at the size given).
+    the samples cropped to the smallest spatial size at which every conv still has every
+    tap read data (:mod:`graphprune.probe_size`, which states why that proves the same),
+    and on the samples as given when the graphs cannot run at that size or the check
+    fails there (rounding grows differently with the size: a failure counts only at the
+    size given).
 
     One random probe already proves exactness almost surely: the difference of the two
     graphs is a piecewise-analytic function of the input, so unless it is zero on a
@@ -152,36 +152,81 @@ def check_exact(
     with stage("verify"):
         samples = _samples(reference, n, 0, inputs)
         if shrink:
-            small = _check_small(graph, reference, samples, rtol, always_measure)
-            if small is not None and small.passed:
-                return small
-        return _check_on(graph, reference, samples, rtol, always_measure)
+            small = _compare_small(graph, reference, samples)
+            if small is not None:
+                check = _outcome(small[0], reference, small[1], rtol, always_measure)
+                if check.passed:
+                    return check
+        return _outcome(compare(graph, reference, inputs=samples), reference, samples, rtol, always_measure)
 
 
-def _check_on(graph: Graph, reference: Graph, samples: Samples, rtol: float | None, always_measure: bool) -> ExactnessCheck:
-    """The check on ``samples``, its tolerance measured on the same samples unless given."""
-    error = compare(graph, reference, inputs=samples)
+def _outcome(error: float, reference: Graph, samples: Samples, rtol: float | None, always_measure: bool) -> ExactnessCheck:
+    """The check's numbers for ``error`` measured on ``samples``: ``rtol`` if given, else
+    the tolerance from the reference's noise on the same samples."""
     if rtol is not None:
         return ExactnessCheck(error, rtol, None, len(samples), measured=False)
     noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 
-def _check_small(
-    graph: Graph, reference: Graph, samples: Samples, rtol: float | None, always_measure: bool
-) -> ExactnessCheck | None:
-    """The check on the cropped samples, or None when there are none or a graph cannot
-    run at that size (then the caller checks at the captured size)."""
-    from .probe_size import reduced_samples
+SMALL_ATTEMPTS = 4
+"""Reference runs at candidate crop factors before checking at the captured size."""
 
-    small = reduced_samples(reference, samples)
-    if small is None:
+
+def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[float, list[list[Any]]] | None:
+    """The error on the samples cropped by the largest factor found at which the
+    reference's recorded conv sizes meet the window condition (:mod:`graphprune.probe_size`),
+    with those samples, or None when nothing crops, the frontend cannot run or record at
+    another size, or no tried factor qualifies (then the caller checks at the captured size).
+
+    The estimated largest factor is tried first; when the recorded sizes refuse it (or
+    the model cannot run there), a bisection over the smaller factors follows, at most
+    :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted."""
+    from . import probe_size
+
+    record = getattr(reference.frontend, "run_with_shapes", None)
+    factors = probe_size.candidate_factors(reference)
+    if record is None or not getattr(reference.frontend, "shape_polymorphic", False) or not factors:
         return None
+    watched = probe_size.window_values(reference)
+
+    def attempt(f: int) -> tuple[list[list[Any]], list[Any]] | None:
+        small = probe_size.crop(samples, f)
+        if small is None:
+            return None
+        try:
+            first, shapes = record(small[0], watched)
+        except Exception as exc:  # a size the model's code fixes, or a window larger than its input
+            logger.debug("the reference cannot run at 1/%d of the size (%s)", f, str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+        bad = probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
+        if bad is not None:
+            logger.debug("at 1/%d of the size a tap of %s reads no data", f, bad)
+            return None
+        return small, first
+
+    lo, hi, best = 1, factors[0], None
+    f = hi
+    for _ in range(SMALL_ATTEMPTS):
+        found = attempt(f)
+        if found is not None:
+            lo, best = f, found
+        else:
+            hi = f - 1
+        if lo >= hi:
+            break
+        f = (lo + hi + 1) // 2
+    if best is None:
+        return None
+    small, first = best
     try:
-        return _check_on(graph, reference, small, rtol, always_measure)
-    except Exception as exc:  # a size the model's code fixes: check at the captured size
-        logger.debug("check at a smaller size failed (%s); checking at the captured size", exc)
+        worst = relative_error(graph.run(*small[0]), first)
+        for xs in small[1:]:
+            worst = max(worst, relative_error(graph.run(*xs), reference.run(*xs)))
+    except Exception as exc:  # the rewritten graph fixes a size the reference does not: check at full size
+        logger.debug("the rewritten graph cannot run at the smaller size (%s)", exc)
         return None
+    return worst, small
 
 
 def assert_exact(

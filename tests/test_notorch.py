@@ -209,7 +209,7 @@ def test_fast_start_imports_neither_torch_nor_onnxruntime(argv: list[str]) -> No
 
 # ------------------------------------------------------------------ static check
 TORCH_MODULES = {
-    "graphprune.frontends.fx", "graphprune.frontends.fx_build", "graphprune.frontends.export",
+    "graphprune.frontends.fx", "graphprune.frontends.fx_build", "graphprune.frontends.fx_shapes", "graphprune.frontends.export",
     "graphprune.frontends.aten", "graphprune.frontends.capture", "graphprune.apply", "graphprune.saving",
 }
 """The modules allowed to import torch at module level, besides ``graphprune.training.*``

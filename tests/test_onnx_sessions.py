@@ -5,10 +5,11 @@ over as arrays instead of serialised, and check probes cropped to a smaller spat
   session on the fully serialised model computes, with and without onnxruntime's graph
   optimisations, also through the temporary-file path for models above the protobuf
   limit, and holds no reference to arrays edited afterwards.
-* Cropping is chosen where every conv still sees a full window at the smaller size (on
-  the shapes ONNX inference gives there) and refused where the graph fixes a size
-  (a target shape, a Gemm after a flatten) or where a constant slice would leave a conv
-  without a full window; a refused size is remembered by copies of the graph.
+* Cropping is chosen where every conv tap still reads data at the smaller size (on the
+  shapes ONNX inference gives there, :meth:`OnnxFrontend.run_with_shapes`) and refused,
+  before any session is built, where the graph fixes a size (a target shape, a Gemm after
+  a flatten) or a constant slice would empty a conv's input; a refused size is
+  remembered by copies of the graph.
 * A wrong tap planted in the rewritten graph is caught at the cropped size, and where
   cropping is refused, at the captured size; a check that fails at the cropped size is
   repeated at the captured size, whose verdict counts (rounding grows differently with
@@ -29,8 +30,9 @@ from graphprune.frontends.onnx import OnnxLoadError, load_onnx
 from graphprune.frontends.onnx import run as onnx_run
 from graphprune.frontends.onnx.run import make_session, session_model
 from graphprune.frontends.onnx.save import export_model
-from graphprune.probe_size import reduced_samples, shrink_factor, windows_fit_at
-from graphprune.verify import check_exact, compare
+from graphprune.probe_size import shrink_factor
+from graphprune import verify
+from graphprune.verify import check_exact
 
 pytestmark = pytest.mark.notorch
 
@@ -208,39 +210,47 @@ def test_graph_run_reuses_one_export_for_both_sessions() -> None:
 
 
 # ------------------------------------------------------------- cropping
-def test_cropping_chosen_where_every_window_fits() -> None:
+def _chosen_size(graph: gp.Graph) -> tuple[int, ...] | None:
+    """The probe size the check settles on for ``graph`` (None: the captured size)."""
+    found = verify._compare_small(graph, graph, [graph.random_inputs(0)])
+    return None if found is None else tuple(found[1][0][0].shape)
+
+
+def _ran_at(graph: gp.Graph) -> set[tuple[tuple[int, ...], ...]]:
+    """The input sizes ``graph`` built sessions for besides its captured one."""
+    return {key for key, _ in graph.frontend._resized_sessions}
+
+
+def test_cropping_chosen_where_every_tap_reads_data() -> None:
     graph = _load(pooled_net(32))
-    # conv inputs: 32, 32 and 16 pixels wide, 3x3 kernels: 16 // 3 = 5, capped at 4
-    assert shrink_factor(graph) == 4
-    small = reduced_samples(graph, [graph.random_inputs(0), graph.random_inputs(1)])
-    assert small is not None
-    assert [tuple(x.shape) for row in small for x in row] == [(1, 3, 8, 8)] * 2
-    shapes = graph.frontend.shapes_at([(1, 3, 8, 8)])
-    assert shapes["r2"] == (1, 32, 4, 4) and shapes["y"] == (1, 10)
-    out = graph.run(*small[0])[0]
-    assert out.shape == (1, 10)
+    assert shrink_factor(graph) >= 2
+    # at 3x3, c1 (pad 1) and the stride-2 c2 see 3 pixels, c3 sees 2: every tap reads data
+    assert _chosen_size(graph) == (1, 3, 3, 3)
+    shapes = graph.frontend.shapes_at([(1, 3, 3, 3)])
+    assert shapes["r2"] == (1, 32, 2, 2) and shapes["y"] == (1, 10)
+    out, recorded = graph.frontend.run_with_shapes([np.zeros((1, 3, 3, 3), np.float32)], {"r1", "a3"})
+    assert out[0].shape == (1, 10) and recorded == {"r1": (1, 16, 3, 3), "a3": (1, 32, 2, 2)}
 
 
 @pytest.mark.parametrize("reshape", [True, False], ids=["constant-reshape", "flatten"])
 def test_cropping_refused_where_the_graph_fixes_a_size(reshape: bool) -> None:
     graph = _load(fixed_reshape_net(16, reshape=reshape))
-    assert shrink_factor(graph) == 4  # the captured shapes alone would allow it
-    samples = [graph.random_inputs(0)]
-    assert reduced_samples(graph, samples) is None
-    assert graph.frontend.shapes_at([(1, 3, 4, 4)]) is None  # strict inference finds the fixed size
-    assert ((1, 3, 4, 4),) in graph.frontend._sizes_refused
+    assert shrink_factor(graph) >= 2  # the captured shapes alone would allow it
+    assert _chosen_size(graph) is None
+    assert graph.frontend._sizes_refused and _ran_at(graph) == set()  # refused by inference: no session built
+    assert graph.frontend.shapes_at([(1, 3, 4, 4)]) is None
     copy = graph.copy()
     assert ((1, 3, 4, 4),) in copy.frontend._sizes_refused  # copies (references, rewrites) know it
     with pytest.raises(OnnxLoadError, match="cannot run at input shapes"):
         copy.run(np.zeros((1, 3, 4, 4), np.float32))
 
 
-def test_cropping_refused_where_a_slice_leaves_a_conv_without_a_window() -> None:
+def test_cropping_refused_where_a_slice_empties_a_conv_input() -> None:
     graph = _load(sliced_net(36))
-    assert shrink_factor(graph) == 4
-    assert not windows_fit_at(graph, [(1, 3, 9, 9)])
-    assert windows_fit_at(graph, [(1, 3, 36, 36)])
-    assert reduced_samples(graph, [graph.random_inputs(0)]) is None
+    assert shrink_factor(graph) >= 2
+    assert graph.frontend.shapes_at([(1, 3, 9, 9)]) is None  # the slice [24:36] of 9 pixels is empty
+    assert graph.frontend.shapes_at([(1, 3, 36, 36)]) is not None
+    assert _chosen_size(graph) is None and _ran_at(graph) == set()
 
 
 def _prune(graph: gp.Graph) -> gp.PassResult:
@@ -260,23 +270,20 @@ def _corrupt_corner_tap(result: gp.PassResult, conv: str) -> None:
     g.set_param(key, w)
 
 
-def _ran_at(graph: gp.Graph) -> set[tuple[tuple[int, ...], ...]]:
-    return {key for key, _ in graph.frontend._resized_sessions}
-
-
-@pytest.mark.parametrize("conv", ["c1", "c3"])
+@pytest.mark.parametrize("conv", ["c1", "c2", "c3"])
 def test_wrong_tap_caught_at_the_cropped_size(conv: str) -> None:
     graph = _load(pooled_net(32))
     result = _prune(graph)
     reference = result.reference()
+    size = _chosen_size(reference)
+    assert size is not None and size[-1] < 32
     ok = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
     assert ok.passed and ok.error <= RTOL
-    assert _ran_at(result.graph) == {((1, 3, 8, 8),)}  # it ran at the cropped size, not at 32x32
+    assert _ran_at(result.graph) == {(size,)}  # it ran at the cropped size, not at 32x32
     assert result.graph.frontend._session_cache is None
     _corrupt_corner_tap(result, conv)
-    small = reduced_samples(reference, [reference.random_inputs(0), reference.random_inputs(1)])
-    assert small is not None
-    assert compare(result.graph, reference, inputs=small) > 1e-3  # the cropped probes alone catch it
+    found = verify._compare_small(result.graph, reference, [reference.random_inputs(0), reference.random_inputs(1)])
+    assert found is not None and found[0] > 1e-3  # the cropped probes alone catch it
     bad = check_exact(result.graph, reference, rtol=RTOL, shrink=True)  # (a failure is confirmed at 32x32)
     assert not bad.passed and bad.error > 1e-3
 
@@ -293,14 +300,13 @@ def test_wrong_tap_caught_at_the_captured_size_when_cropping_is_refused() -> Non
     assert not bad.passed and bad.error > 1e-3
 
 
-def test_pipeline_check_crops_and_freezes_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gp.run's check at the cropped size passes a correct rewrite; with a rewrite that
-    corrupts the deepest conv's corner tap, the check fails there and freezing keeps the
-    graph exact."""
+def test_pipeline_check_crops_and_catches_a_corrupting_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gp.run's check at the cropped size passes a correct rewrite; a rewrite that
+    corrupts the deepest conv's corner tap is refused."""
     graph = _load(pooled_net(32))
     clean = gp.run(graph, "prune-channels{ratio=0.5}")
     assert clean.checks[0] is not None and clean.checks[0].passed
-    assert _ran_at(clean.graph) == {((1, 3, 8, 8),)}
+    assert _ran_at(clean.graph) == {((1, 3, 3, 3),)}
 
     import graphprune.passes.prune_channels as prune_channels
 
@@ -320,8 +326,8 @@ def test_pipeline_check_crops_and_freezes_a_planted_bug(monkeypatch: pytest.Monk
 
 
 def test_wrong_tap_behind_a_slice_caught() -> None:
-    """At 1/4 of the size the slice in front of c2 and c3 would be empty; cropping is
-    refused there and the corrupted c3 is caught at the captured size."""
+    """Cropping would empty the slice in front of c2 and c3; it is refused there and the
+    corrupted c3 is caught at the captured size."""
     graph = _load(sliced_net(36))
     result = _prune(graph)
     reference = result.reference()
@@ -336,36 +342,37 @@ def test_failure_at_the_cropped_size_is_confirmed_at_the_captured_size(monkeypat
     """A check that fails on the cropped probes is repeated on the probes as given; a pass
     there is the verdict (with its own numbers), so size-dependent rounding never freezes
     an exact rewrite."""
-    import graphprune.verify as verify
-
     graph = _load(pooled_net(32))
     result = _prune(graph)
     reference = result.reference()
-    sizes: list[tuple[int, ...]] = []
-    real_compare = verify.compare
+    calls: list[tuple[int, ...]] = []
+    real = verify._compare_small
 
-    def pessimistic_at_small_sizes(g, ref, n=2, seed=0, inputs=None):  # type: ignore[no-untyped-def]
-        sizes.append(tuple(inputs[0][0].shape))
-        error = real_compare(g, ref, n=n, seed=seed, inputs=inputs)
-        return 1.0 if inputs[0][0].shape[-1] < 32 else error
+    def pessimistic(g, ref, samples):  # type: ignore[no-untyped-def]
+        found = real(g, ref, samples)
+        assert found is not None
+        calls.append(tuple(found[1][0][0].shape))
+        return 1.0, found[1]
 
-    monkeypatch.setattr(verify, "compare", pessimistic_at_small_sizes)
+    monkeypatch.setattr(verify, "_compare_small", pessimistic)
     check = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
-    assert sizes == [(1, 3, 8, 8), (1, 3, 32, 32)]
+    assert calls == [(1, 3, 3, 3)]
     assert check.passed and check.error <= RTOL
+    assert result.graph.frontend._session_cache is not None  # the verdict came from 32x32
 
 
 def test_one_wide_windows_after_global_pooling_do_not_limit_the_factor() -> None:
-    """The excite convs' 1x1 inputs stay 1x1 at any size: only the 3x3 convs (32 pixels)
-    set the factor, and the check at that size passes a correct rewrite and catches a
-    wrong tap in the last conv."""
+    """The excite convs' 1x1 inputs stay 1x1 at any size: the check crops to where the 3x3
+    convs still read data, passes a correct rewrite and catches a wrong tap in the last conv."""
     graph = _load(se_net(32))
-    assert shrink_factor(graph) == 4
-    assert graph.frontend.shapes_at([(1, 3, 8, 8)])["e1"] == (1, 4, 1, 1)
+    assert shrink_factor(graph) >= 8
     result = _prune(graph)
     reference = result.reference()
+    size = _chosen_size(reference)
+    assert size is not None and size[-1] <= 4
+    assert graph.frontend.shapes_at([size])["e1"] == (1, 4, 1, 1)
     assert check_exact(result.graph, reference, rtol=RTOL, shrink=True).passed
-    assert _ran_at(result.graph) == {((1, 3, 8, 8),)}
+    assert _ran_at(result.graph) == {(size,)}
     _corrupt_corner_tap(result, "c2")
-    small = reduced_samples(reference, [reference.random_inputs(0)])
-    assert small is not None and compare(result.graph, reference, inputs=small) > 1e-3
+    found = verify._compare_small(result.graph, reference, [reference.random_inputs(0)])
+    assert found is not None and found[0] > 1e-3

@@ -151,3 +151,30 @@ def test_modified_is_false_when_no_pass_changes_anything() -> None:
         assert not result.modified and not any(r.modified for r in result.results), pipeline
     mixed = gp.run(g, "prune-channels{ratio=0},prune-channels{ratio=0.25}")
     assert mixed.modified and [r.modified for r in mixed.results] == [False, True]
+
+
+def test_cyclic_collection_is_paused_during_a_run_and_restored_after() -> None:
+    import gc
+
+    from graphprune.samples.models import sample_input, sample_net
+
+    states: list[bool] = []
+
+    class Probe(gp.get_pass("prune-channels")):  # type: ignore[misc,valid-type]
+        def call(self, graph, data=None):  # type: ignore[no-untyped-def]
+            states.append(gc.isenabled())
+            return super().call(graph)
+
+    graph = gp.trace(sample_net(), sample_input())
+    assert gc.isenabled()
+    gp.run(graph, [Probe(ratio=0.5)])
+    assert states == [False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller's own setting is left alone
+        gp.run(graph, [Probe(ratio=0.5)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(gp.PassOptionError):  # restored on errors too
+        gp.run(graph, "prune-channels{ratio=2}")
+    assert gc.isenabled()

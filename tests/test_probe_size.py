@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.probe_size import reduced_samples, shrink_factor
+from graphprune.probe_size import reduced_samples, shrink_factor, taps_reach_data, violated_window, window_values
 from graphprune.samples.models import randomize_
 from graphprune.verify import check_exact
 
@@ -48,14 +48,102 @@ def _graph(model: nn.Module, size: int) -> gp.Graph:
     return gp.trace(randomize_(model).eval(), torch.randn(2, 3, size, size), capture="fx")
 
 
-def test_factor_keeps_a_full_window_at_every_conv() -> None:
-    # inputs of the 3x3 convs: 24, 24, 12 and 6 pixels wide; 6 // 3 = 2 limits the factor
-    assert shrink_factor(_graph(Strided(), 24)) == 2
-    assert shrink_factor(_graph(Strided(), 48)) == 4
-    assert shrink_factor(_graph(Strided(), 8)) == 1  # the last conv sees 2x2 < 3x3: no shrinking
+def test_factor_keeps_every_tap_on_data_at_every_conv() -> None:
+    # inputs of the 3x3 convs at 24: 24, 24 (stride 2), 12 (stride 2), 6.  A stride-2 3x3
+    # conv with pad 1 needs 3 pixels (at 2 its first tap reads only padding), a stride-1 one
+    # needs 2: ceil(12/5) = 3 and ceil(6/5) = 2 allow 5; at 6, ceil(12/6) = 2 does not.
+    assert shrink_factor(_graph(Strided(), 24)) == 5
+    assert shrink_factor(_graph(Strided(), 48)) == 11  # ceil(24/11) = 3, ceil(12/11) = 2
+    assert shrink_factor(_graph(Strided(), 8)) == 1  # the stride-2 conv c3 already sees only 4
     graph = _graph(Strided(), 24)
     small = reduced_samples(graph, [graph.random_inputs(0)])
-    assert small is not None and tuple(small[0][0].shape) == (2, 3, 12, 12)  # batch and channels kept
+    assert small is not None and tuple(small[0][0].shape) == (2, 3, 5, 5)  # batch and channels kept
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_tap_condition_matches_what_a_conv_reads(stride: int, dilation: int) -> None:
+    """taps_reach_data against torch: a one-hot kernel at tap j changes the output of an
+    all-ones input exactly when tap j reads a pixel somewhere."""
+    checked = 0
+    for size in range(1, 7):
+        for kernel in range(1, 5):
+            for pad in range(0, 3):
+                x = torch.ones(1, 1, size)
+                reach = []
+                for j in range(kernel):
+                    w = torch.zeros(1, 1, kernel)
+                    w[0, 0, j] = 1.0
+                    try:
+                        y = torch.nn.functional.conv1d(x, w, stride=stride, padding=pad, dilation=dilation)
+                    except RuntimeError:  # output would be empty
+                        break
+                    reach.append(bool(y.abs().sum() > 0))
+                else:
+                    out = y.shape[-1]
+                    assert taps_reach_data(size, out, kernel, stride, dilation, pad) == all(reach), (size, kernel, pad)
+                    checked += 1
+    assert checked > 40
+
+
+class Unpadded(nn.Module):
+    """A 7x7 stride-2 conv without padding shrinks more than ceil(size / 2): the estimate
+    is optimistic, and the recorded sizes must overrule it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 7, stride=2)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_recorded_sizes_overrule_an_optimistic_estimate() -> None:
+    graph = _graph(Unpadded(), 40)  # c1: 40 -> 17; c2 sees 17
+    f = shrink_factor(graph)
+    assert f == 6  # estimated: c1 sees ceil(40/6) = 7 >= 7, c2 sees ceil(17/6) = 3
+    # but at 7 pixels c1 gives 1 pixel, where c2's outer taps read only padding
+    shapes = graph.frontend.run_with_shapes(reduced_samples(graph, [graph.random_inputs(0)])[0],
+                                           window_values(graph))[1]
+    assert violated_window(graph, lambda v: shapes.get(v)).label == "c2"
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    seen = _recording_runs(graph)
+    try:
+        assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
+    finally:
+        _stop_recording(graph)
+    # 1/6 (7 px) is refused on its recorded sizes; bisection: 1/3 (14 px) passes, 1/4 (10 px:
+    # c1 gives 2) passes, 1/5 (8 px) is refused; the check runs at 10 px
+    assert [s[2] for s in seen[:4]] == [7, 14, 10, 8] and {s[2] for s in seen[4:]} == {10}, seen
+    _corrupt_outer_tap(result, "c2")
+    assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
+
+
+def _recording_runs(graph: gp.Graph) -> list[tuple[int, ...]]:
+    """Record the input shape of every run of ``graph``'s frontend class (both graphs)."""
+    seen: list[tuple[int, ...]] = []
+    cls = graph.frontend.__class__
+    run, record = cls.run, cls.run_with_shapes
+
+    def recording(self, inputs):  # type: ignore[no-untyped-def]
+        seen.append(tuple(inputs[0].shape))
+        return run(self, inputs)
+
+    def recording_shapes(self, inputs, values):  # type: ignore[no-untyped-def]
+        seen.append(tuple(inputs[0].shape))
+        return record(self, inputs, values)
+
+    cls._saved = (run, record)
+    cls.run, cls.run_with_shapes = recording, recording_shapes
+    return seen
+
+
+def _stop_recording(graph: gp.Graph) -> None:
+    cls = graph.frontend.__class__
+    cls.run, cls.run_with_shapes = cls._saved
+    del cls._saved
 
 
 def _corrupt_outer_tap(result: gp.PassResult, layer: str) -> None:
@@ -97,22 +185,15 @@ def test_export_graphs_are_not_shrunk() -> None:
 
 def test_pipeline_verifies_on_small_probes_by_default() -> None:
     graph = _graph(Strided(), 24)
-    seen: list[tuple[int, ...]] = []
-    run = graph.frontend.__class__.run
-
-    def recording(self, inputs):  # type: ignore[no-untyped-def]
-        seen.append(tuple(inputs[0].shape))
-        return run(self, inputs)
-
+    seen = _recording_runs(graph)
     try:
-        graph.frontend.__class__.run = recording
         gp.run(graph, "prune-channels{ratio=0.5}")
-        assert seen and all(s == (1, 3, 12, 12) or s == (2, 3, 12, 12) for s in seen), seen
+        assert seen and all(s[2:] == (5, 5) for s in seen), seen
         seen.clear()
         gp.run(graph, "prune-channels{ratio=0.5}", small_probes=False, probes=1)
         assert len(seen) == 2 and all(s[2:] == (24, 24) for s in seen), seen
     finally:
-        graph.frontend.__class__.run = run
+        _stop_recording(graph)
 
 
 def test_probe_count_is_an_option() -> None:

@@ -42,3 +42,39 @@ def test_reference_differs_from_input_when_lossy() -> None:
     result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
     assert gp.compare(result.reference(), graph) > 1e-3
     assert gp.compare(result.graph, result.reference()) <= 1e-5
+
+
+def test_reference_zeroes_exactly_the_recorded_slices_and_leaves_the_input_alone() -> None:
+    graph = gp.trace(sample_net(), sample_input())
+    before = {k: graph.param(k).copy() for k in graph.param_keys()}
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    ref = result.reference()
+    zeroed = 0
+    for key, mask in result.projection.masks.items():
+        want = before[key] * mask
+        assert (ref.param(key) == want).all(), key
+        zeroed += int((mask == 0).sum())
+    assert zeroed > 0
+    for key, value in before.items():  # the input graph's weights are untouched
+        assert (graph.param(key) == value).all(), key
+
+
+def test_with_weights_shares_structure_until_a_structural_edit() -> None:
+    for capture in ("fx", "export"):
+        graph = gp.trace(sample_net(), sample_input(), capture=capture)
+        conv = next(n for n in graph.nodes if n.kind == "conv")
+        key = conv.params["weight"]
+        other = graph.with_weights({key: graph.param(key) * 2})
+        assert other.nodes is graph.nodes  # the view is shared, not re-read
+        assert other.frontend.gm.graph is graph.frontend.gm.graph
+        assert (other.param(key) == graph.param(key) * 2).all()
+        assert gp.compare(other, graph) > 1e-3
+        # a structural edit gives the copy a structure of its own and leaves the parent alone
+        nodes_before = [n.name for n in graph.nodes]
+        out = graph.run(sample_input())[0]
+        result = gp.get_pass("prune-channels")(ratio=0.5)(other)
+        assert result.modified
+        other.set_attr(other.node(conv.name), "stride", conv.attrs.get("stride", (1, 1)))
+        assert other.frontend.gm.graph is not graph.frontend.gm.graph
+        assert [n.name for n in graph.nodes] == nodes_before
+        assert_rel_close(graph.run(sample_input())[0], out)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..graph import Graph
 from .fx import CaptureError, trace_fx
+from ..gcpause import gc_paused
 
 __all__ = ["trace", "CaptureError", "CAPTURES"]
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 CAPTURES = ("auto", "export", "fx")
 
 
+@gc_paused
 def trace(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],

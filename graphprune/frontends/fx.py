@@ -27,6 +27,7 @@ from ..arrays import as_numpy
 from ..graph import Graph, GraphError, NewNode, Node, Port, ValueInfo
 from ..profile import stage
 from .fx_build import to_tensor
+from .fx_shapes import ShapeOnlyProp, values_decide_shapes
 
 
 class CaptureError(GraphError):
@@ -200,7 +201,8 @@ class FxFrontend:
             )
         try:
             with torch.no_grad(), stage("shapes"):
-                ShapeProp(self.gm).propagate(*self._inputs)
+                prop = ShapeProp if values_decide_shapes(self.gm) else ShapeOnlyProp
+                prop(self.gm).propagate(*self._inputs)
         except Exception as exc:
             raise CaptureError(f"shape propagation failed: {exc}") from exc
 
@@ -385,8 +387,8 @@ class FxFrontend:
             value = to_tensor(value, old.device, old.dtype)
         else:
             value = to_tensor(value)
-        if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        if isinstance(old, nn.Parameter):  # straight into the table: Module.__setattr__ is slow
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         elif attr in owner._buffers:
             owner._buffers[attr] = value
         else:
@@ -508,12 +510,30 @@ class FxFrontend:
         gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
+    def with_weights(self, params: Mapping[str, np.ndarray | torch.Tensor]) -> "FxFrontend":
+        """A copy that shares this one's fx graph and compiled code (new module objects,
+        tensors shared) with the parameters in ``params`` replaced.  Only for graphs that
+        are not edited structurally (:meth:`graphprune.graph.Graph.with_weights` copies the
+        structure before an edit)."""
+        out = type(self)(_shallow_tree(self.gm), self._inputs, self.original_training, propagate=False, edits=self.edits)
+        for key, value in params.items():
+            out.set_param(key, value)
+        return out
+
     def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
         """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
         self.gm.eval()
         with torch.no_grad():
             out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
+
+    def run_with_shapes(self, inputs: Sequence[torch.Tensor | np.ndarray], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
+        """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way."""
+        self.gm.eval()
+        recorder = _ShapeRecorder(self.gm, values)
+        with torch.no_grad():
+            out = recorder.run(*[to_tensor(x, self._device()) for x in inputs])
+        return list(_flatten_tensors(out)), recorder.shapes
 
     def inputs_from_arrays(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Numpy inputs as tensors on the model's device, in the example inputs' dtypes
@@ -540,37 +560,47 @@ class FxFrontend:
     ) -> dict[str, torch.Tensor]:
         """``d loss(outputs) / d param`` for the parameters ``keys`` (eval mode: norms use
         their running statistics); the module's own tensors are not touched."""
-        self.gm.eval()
-        params = {k: self.get_tensor(k).clone().requires_grad_(True) for k in keys}
-        with torch.enable_grad():
-            out = torch.func.functional_call(self.gm, params, tuple(inputs), strict=False)
-            value = loss(_flatten_tensors(out))
-            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+        return _param_gradients(self.gm, {k: self.get_tensor(k) for k in keys}, inputs, loss)
 
     def to_module(self) -> nn.Module:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
         with stage("emit"):
-            return self._to_module()
-
-    def _to_module(self) -> nn.Module:
-        root = _shallow_tree(self.gm)
-        for mod in root.modules():
-            for k, v in mod._parameters.items():
-                if v is not None:
-                    mod._parameters[k] = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
-            for k, v in mod._buffers.items():
-                if v is not None:
-                    mod._buffers[k] = v.clone()
-        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=False)
-        gm.train(self.original_training)
-        return gm
+            return _independent_module(self.gm, self.original_training)
 
     def to_onnx(self, path: str, opset: int = 17, **_: Any) -> None:
         from ..emit import export_module_onnx
 
         export_module_onnx(self.to_module().eval(), self._inputs, path, opset=opset)
+
+
+def _param_gradients(
+    gm: fx.GraphModule, tensors: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor],
+    loss: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``d loss(gm(inputs)) / d p`` for the named parameters (differentiated on clones), eval mode."""
+    gm.eval()
+    params = {k: t.clone().requires_grad_(True) for k, t in tensors.items()}
+    with torch.enable_grad():
+        out = torch.func.functional_call(gm, params, tuple(inputs), strict=False)
+        value = loss(_flatten_tensors(out))
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and keeps the shapes of the tensors named in ``values``."""
+
+    def __init__(self, gm: fx.GraphModule, values: set[str]) -> None:
+        super().__init__(gm)
+        self.values = values
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.values and isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(out.shape)
+        return out
 
 
 class _MaskingInterpreter(fx.Interpreter):
@@ -681,6 +711,21 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
         with _use_lazy_graph_module(True):
             return fx.GraphModule(root, new, name)
     return fx.GraphModule(root, new, name)
+
+
+def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors."""
+    root = _shallow_tree(gm)
+    for mod in root.modules():
+        for k, v in mod._parameters.items():
+            if v is not None:
+                mod._parameters[k] = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+        for k, v in mod._buffers.items():
+            if v is not None:
+                mod._buffers[k] = v.clone()
+    out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False)
+    out.train(training)
+    return out
 
 
 def _shallow_tree(module: nn.Module) -> nn.Module:

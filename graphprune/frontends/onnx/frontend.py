@@ -37,6 +37,7 @@ from .run import (
 from .save import model_for_save, save_model
 from .shapes import infer_shapes, strict_shapes
 from .tensors import constant_node_value, fresh_name, is_default
+from ...gcpause import gc_paused
 
 __all__ = ["OnnxFrontend", "load_onnx"]
 
@@ -55,11 +56,22 @@ def _reshape_mismatch(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]]) ->
     return None
 
 
+def _emptied(captured: Mapping[str, tuple[int, ...] | None], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first value that has elements at the captured size and none in ``shapes`` (a
+    constant slice past a cropped input's end), if any: nothing would be checked there."""
+    for name, shape in shapes.items():
+        before = captured.get(name)
+        if 0 in shape and before is not None and 0 not in before:
+            return name
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@gc_paused
 def load_onnx(
     path_or_model: str | os.PathLike | onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -235,16 +247,31 @@ class OnnxFrontend(OnnxEdits):
                 raise
             raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)}: {_first_line(exc)}") from exc
 
+    def run_with_shapes(self, inputs: Sequence[Any], values: set[str]) -> tuple[list[np.ndarray], dict[str, tuple[int, ...]]]:
+        """:meth:`run`, and the shapes of the values named in ``values`` at these inputs'
+        sizes (:meth:`shapes_at`: inferred before running, so a size the graph cannot run
+        at is refused without a session).  Raises :class:`OnnxLoadError` when the graph
+        cannot run there or a shape in ``values`` cannot be inferred (a size that the
+        check's window condition could not confirm)."""
+        key = [tuple(int(d) for d in np.shape(x)) for x in inputs]
+        shapes = self.shapes_at(key) if tuple(key) != tuple(self.input_shapes().values()) else self._shapes
+        if shapes is None:
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {key}: shape inference refuses that size")
+        unknown = sorted(v for v in values if shapes.get(v) is None)
+        if unknown:
+            raise OnnxLoadError(f"`{self.source}` at input shapes {key}: the shape of `{unknown[0]}` is not inferred")
+        return self.run(inputs), {v: tuple(shapes[v]) for v in values}  # type: ignore[misc]
+
     def shapes_at(self, input_shapes: Sequence[Sequence[int]]) -> dict[str, tuple[int, ...]] | None:
         """Every value's shape when the graph inputs have ``input_shapes`` (in input
         order), by strict ONNX shape inference on the structure alone; None when the graph
-        cannot run there (inference finds a size its constants fix, or an earlier run of
-        this model or a copy of it at that size failed)."""
+        cannot run there (inference finds a size its constants fix, a value would be
+        empty there, or an earlier run of this model or a copy of it at that size failed)."""
         key = tuple(tuple(int(d) for d in s) for s in input_shapes)
         if key in self._sizes_refused:
             return None
         shapes = strict_shapes(self._resized_structure(key))
-        if shapes is None or _reshape_mismatch(self.graph, shapes):
+        if shapes is None or _reshape_mismatch(self.graph, shapes) or _emptied(self._shapes, shapes):
             self._sizes_refused.add(key)
             return None
         return shapes

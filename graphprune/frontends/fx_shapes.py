@@ -1,0 +1,90 @@
+"""Shape propagation for fx graphs without computing the expensive ops.
+
+``torch.fx``'s ``ShapeProp`` runs the model on the example input to record every
+node's shape; at 224x224 that is a full forward, most of it convolutions.  Shapes
+do not need the values, so :class:`ShapeOnlyProp` replaces the arithmetic of the ops
+whose output shape is a function of input *shapes* alone:
+
+* ``nn.Conv1d/2d/3d`` and ``nn.Linear`` modules (exact types: a subclass may pad or
+  reshape in its own ``forward``): the output shape is computed by the op's meta
+  kernel on ``meta`` tensors (PyTorch's own shape function, every padding mode and
+  stride included) and a zero tensor of that shape is passed on;
+* shape-preserving modules (norms, activations, dropout, identity): the input itself
+  is passed on.
+
+Everything else runs for real on these stand-in values.  This is exact for shapes as
+long as no op's output *shape* depends on tensor *values*; graphs that contain such
+an op (``nonzero``, ``item``, boolean masking... :func:`values_decide_shapes`) are
+propagated with real values instead.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["ShapeOnlyProp", "values_decide_shapes"]
+
+_COMPUTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_SHAPE_PRESERVING = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+_VALUE_SHAPED = {
+    "item", "tolist", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount", "histc",
+    "repeat_interleave", "__bool__", "__int__", "__index__", "__float__", "nonzero_static", "masked_scatter",
+}
+"""Ops whose output shape (or a Python value that later sets a shape) depends on tensor values."""
+
+
+def values_decide_shapes(gm: fx.GraphModule) -> bool:
+    """True when some node's result shape may depend on tensor values: an op of
+    :data:`_VALUE_SHAPED`, one-argument ``torch.where``, or indexing with a tensor."""
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name in _VALUE_SHAPED or (n.target is torch.where and len(n.args) + len(n.kwargs) == 1):
+            return True
+        if n.target is operator.getitem and len(n.args) > 1 and _holds_tensor_node(n.args[1]):
+            return True
+    return False
+
+
+def _holds_tensor_node(index: Any) -> bool:
+    if isinstance(index, fx.Node):
+        return True  # an index computed by the graph (a tensor, or a value read from one)
+    if isinstance(index, (tuple, list)):
+        return any(_holds_tensor_node(i) for i in index)
+    return False
+
+
+class ShapeOnlyProp(ShapeProp):
+    """``ShapeProp`` that computes conv/linear shapes on ``meta`` tensors and passes
+    shape-preserving modules' inputs through (see the module docstring)."""
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        mod = self.fetch_attr(target)
+        kind = type(mod)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if kind in _SHAPE_PRESERVING:
+                return x
+            if kind in _COMPUTED:
+                return torch.zeros(_meta_output(mod, x).shape, dtype=x.dtype, device=x.device)
+        return super().call_module(target, args, kwargs)
+
+
+def _meta_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = mod.weight.to("meta")
+    bias = None if mod.bias is None else mod.bias.to("meta")
+    xm = x.to("meta")
+    if isinstance(mod, nn.Linear):
+        return F.linear(xm, weight, bias)
+    return mod._conv_forward(xm, weight, bias)  # type: ignore[union-attr,operator]

@@ -1,0 +1,111 @@
+"""Shape propagation without the expensive arithmetic (graphprune.frontends.fx_shapes):
+the same shapes as a real forward, and a real forward where values decide shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import graphprune as gp
+from graphprune.frontends.fx_shapes import ShapeOnlyProp, values_decide_shapes
+
+
+class Mixed(nn.Module):
+    """Every conv flavour the shortcut computes, plus a subclass it must not shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, dilation=1)
+        self.c2 = nn.Conv2d(8, 8, 5, padding="same", dilation=2, groups=4, padding_mode="reflect")
+        self.c3 = nn.Conv2d(8, 6, (3, 1), stride=(1, 2), padding=(0, 2), padding_mode="circular", bias=False)
+        self.c1d = nn.Conv1d(6, 4, 4, stride=3)
+        self.c3d = nn.Conv3d(1, 2, (2, 3, 3), padding=(1, 0, 1))
+        self.odd = _Cropping(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.Hardswish()
+        self.fc = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.c1(x)))
+        y = self.c3(torch.relu(self.c2(y)))
+        y = self.odd(y)
+        z = self.c1d(y.flatten(2))
+        v = self.c3d(y[:, :1].unsqueeze(1))
+        return torch.cat([self.fc(z[..., :7]).flatten(1), v.flatten(1)], 1)
+
+
+class _Cropping(nn.Conv2d):
+    """A conv subclass whose forward crops: its shape is not the plain conv's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[..., 1:, :]
+
+
+def _shapes(gm: fx.GraphModule, prop: type, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    prop(gm).propagate(x)
+    return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+            if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+
+@pytest.mark.parametrize("size", [23, 32])
+def test_shape_only_propagation_matches_a_real_forward(size: int) -> None:
+    gm = fx.symbolic_trace(Mixed().eval())
+    x = torch.randn(2, 3, size, size + 5)
+    real = _shapes(gm, ShapeProp, x)
+    fast = _shapes(gm, ShapeOnlyProp, x)
+    assert fast == real and len(real) > 15
+
+
+def test_conv_arithmetic_is_skipped() -> None:
+    calls: list[str] = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    gm = fx.symbolic_trace(model)
+    original = nn.Conv2d._conv_forward
+
+    def spy(self, x, w, b):  # type: ignore[no-untyped-def]
+        calls.append(str(x.device))
+        return original(self, x, w, b)
+
+    nn.Conv2d._conv_forward = spy  # type: ignore[method-assign]
+    try:
+        ShapeOnlyProp(gm).propagate(torch.randn(1, 3, 16, 16))
+    finally:
+        nn.Conv2d._conv_forward = original  # type: ignore[method-assign]
+    assert calls == ["meta", "meta"]
+
+
+class Masking(nn.Module):
+    def __init__(self, how: str = "mask") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.how == "nonzero":
+            return torch.nonzero(y > 0)[:, 0].float()
+        return y[y > 0]  # how many survive depends on the values
+
+
+@pytest.mark.parametrize("how", ["mask", "nonzero"])
+def test_value_dependent_shapes_use_a_real_forward(how: str) -> None:
+    gm = fx.symbolic_trace(Masking(how).eval())
+    assert values_decide_shapes(gm)
+    assert not values_decide_shapes(fx.symbolic_trace(Mixed().eval()))
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    graph = gp.trace(Masking(how).eval(), x, capture="fx")
+    out = graph.frontend.gm.graph.output_node().args[0]
+    n_positive = int((graph.frontend.gm.conv(x) > 0).sum())
+    assert tuple(out.meta["tensor_meta"].shape) == (n_positive,)
+
+
+def test_torchvision_shapes_match() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    for name in ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5"):
+        gm = fx.symbolic_trace(torchvision.models.get_model(name, weights=None).eval())
+        x = torch.randn(1, 3, 96, 80)
+        with torch.no_grad():
+            assert _shapes(gm, ShapeOnlyProp, x) == _shapes(gm, ShapeProp, x), name
