@@ -194,6 +194,8 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[fl
         small = probe_size.crop(samples, f)
         if small is None:
             return None
+        if not _windows_inferred_ok(reference, small[0], f):
+            return None
         try:
             first, shapes = record(small[0], watched)
         except Exception as exc:  # a size the model's code fixes, or a window larger than its input
@@ -227,6 +229,23 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[fl
         logger.debug("the rewritten graph cannot run at the smaller size (%s)", exc)
         return None
     return worst, small
+
+
+def _windows_inferred_ok(reference: Graph, xs: Sequence[Any], f: int) -> bool:
+    """Where the frontend infers shapes at another size without running (``shapes_at``:
+    ONNX), the window condition on those shapes, so that a refused size costs no run;
+    True for frontends without it (their recorded run decides)."""
+    from . import probe_size
+
+    shapes_at = getattr(reference.frontend, "shapes_at", None)
+    if shapes_at is None:
+        return True
+    shapes = shapes_at([tuple(as_numpy(x).shape) for x in xs])
+    bad = "(no inferred shapes)" if shapes is None else probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
+    if bad is not None:
+        logger.debug("at 1/%d of the size a tap of %s reads no data (inferred shapes)", f, bad)
+        return False
+    return True
 
 
 def assert_exact(

@@ -30,7 +30,7 @@ from graphprune.frontends.onnx import OnnxLoadError, load_onnx
 from graphprune.frontends.onnx import run as onnx_run
 from graphprune.frontends.onnx.run import make_session, session_model
 from graphprune.frontends.onnx.save import export_model
-from graphprune.probe_size import shrink_factor
+from graphprune.probe_size import candidate_factors, shrink_factor
 from graphprune import verify
 from graphprune.verify import check_exact
 
@@ -143,6 +143,22 @@ def se_net(size: int = 32) -> onnx.ModelProto:
     return _model(nodes, inits, size, [1, 16])
 
 
+def patchify_net(size: int = 28) -> onnx.ModelProto:
+    """x -> 2x2 stride-2 conv 3->8 -> 2x2 stride-2 conv 8->8 -> 7x7 conv (pad 3) 8->8 ->
+    global pool -> flatten.  At 28 pixels the 7x7 conv sees 7; at 14 (a factor 2, which
+    the estimate ceil(7 / 2) = 4 allows) the unpadded stride-2 convs give it 3, where its
+    first tap reads no data."""
+    rng = np.random.default_rng(4)
+    nodes: list = []
+    inits: list = []
+    _conv("d1", "x", "a1", 3, 8, rng, inits, nodes, k=2, pad=0, stride=2)
+    _conv("d2", "a1", "a2", 8, 8, rng, inits, nodes, k=2, pad=0, stride=2)
+    _conv("c7", "a2", "a3", 8, 8, rng, inits, nodes, k=7, pad=3)
+    nodes.append(helper.make_node("GlobalAveragePool", ["a3"], ["p"]))
+    nodes.append(helper.make_node("Flatten", ["p"], ["y"], axis=1))
+    return _model(nodes, inits, size, [1, 8])
+
+
 def _load(model: onnx.ModelProto) -> gp.Graph:
     return load_onnx(model)
 
@@ -251,6 +267,14 @@ def test_cropping_refused_where_a_slice_empties_a_conv_input() -> None:
     assert graph.frontend.shapes_at([(1, 3, 9, 9)]) is None  # the slice [24:36] of 9 pixels is empty
     assert graph.frontend.shapes_at([(1, 3, 36, 36)]) is not None
     assert _chosen_size(graph) is None and _ran_at(graph) == set()
+
+
+def test_cropping_refused_on_inferred_sizes_without_running() -> None:
+    graph = _load(patchify_net(28))
+    assert 2 in candidate_factors(graph)  # the estimated sizes allow a factor 2
+    assert graph.frontend.shapes_at([(1, 3, 14, 14)])["a2"] == (1, 8, 3, 3)
+    assert _chosen_size(graph) is None
+    assert _ran_at(graph) == set()  # refused on the inferred sizes: no session, no forward
 
 
 def _prune(graph: gp.Graph) -> gp.PassResult:
