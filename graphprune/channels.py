@@ -47,8 +47,11 @@ def group_projection(graph: Graph, group: PruningGroup, keep: np.ndarray, proj: 
     """Add to ``proj`` (or a new projection) the zeroed slices of ``group``'s removed
     classes (``keep`` False): the same slices :func:`remove_channels` deletes."""
     proj = Projection() if proj is None else proj
-    for port, idx in kept_indices(group, keep).items():
-        removed_list = np.setdiff1d(np.arange(group.sizes[port]), idx).tolist()
+    for port in group.ports:
+        mask = keep[group.class_of[port]]
+        if mask.all():
+            continue
+        removed_list = np.flatnonzero(~mask).tolist()
         for m in group.members[port]:
             for role, axis in m.coupling.slices:
                 key = m.node.params[role]

@@ -34,10 +34,20 @@ class Importance(Protocol):
     def __call__(self, graph: Graph, group: PruningGroup) -> np.ndarray: ...
 
 
+_BLOCK = 1 << 15
+"""Elements per block in :func:`_slice_norms`: its float64 temporaries stay in cache."""
+
+
 def _slice_norms(t: np.ndarray, axis: int, p: int) -> np.ndarray:
-    """The L``p`` norm (p = 1 or 2, in float64) of every slice of ``t`` along ``axis``."""
-    moved = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1).astype(np.float64)
-    return np.abs(moved).sum(1) if p == 1 else np.sqrt(np.square(moved).sum(1))
+    """The L``p`` norm (p = 1 or 2, in float64) of every slice of ``t`` along ``axis``,
+    a block of slices at a time (no float64 copy of the whole weight)."""
+    moved = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1)
+    rows = max(1, _BLOCK // max(moved.shape[1], 1))
+    out = np.empty(moved.shape[0], dtype=np.float64)
+    for start in range(0, moved.shape[0], rows):
+        block = moved[start:start + rows].astype(np.float64)
+        out[start:start + rows] = np.abs(block).sum(1) if p == 1 else np.sqrt(np.square(block).sum(1))
+    return out
 
 
 def _accumulate(graph: Graph, group: PruningGroup, roles: set[str], param_roles: set[str], p: int) -> np.ndarray:

@@ -16,7 +16,8 @@ every tap of its window:
 * batch and channel axes are kept, so every channel slice of every op is still there.
 
 Sizes at a smaller input are not known before running, so the check picks candidate
-factors ``f`` from sizes estimated as ``ceil(captured / f)`` (:func:`candidate_factors`),
+factors ``f`` (16 down to 1.25) from sizes estimated as ``ceil(captured / f)``
+(:func:`candidate_factors`),
 crops each image-like probe (rank 4 or 5: batch, channels, spatial axes) to
 ``ceil(size / f)`` on its spatial axes (:func:`crop`), runs the reference there recording
 the real input and output sizes of every conv (:func:`window_values`), and accepts the
@@ -37,11 +38,13 @@ import numpy as np
 from .arrays import as_numpy
 from .graph import Graph, Node
 
-__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "taps_reach_data", "violated_window",
+__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "stacked", "taps_reach_data", "violated_window",
            "window_values"]
 
 WINDOW_KINDS = ("conv", "conv_transpose")
-MAX_FACTOR = 16
+FACTORS = (16.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.75, 1.5, 1.25)
+"""The crop factors considered (a probe of spatial size ``s`` is cropped to ``ceil(s / f)``)."""
+MAX_FACTOR = FACTORS[0]
 
 SizeOf = Callable[[str], "tuple[int, ...] | None"]
 
@@ -105,10 +108,11 @@ def window_values(graph: Graph) -> set[str]:
     return {v for n in _windows(graph) for v in (n.inputs[0], n.outputs[0])}
 
 
-def candidate_factors(graph: Graph, max_factor: int = MAX_FACTOR) -> list[int]:
-    """Factors ``f`` (largest first, each >= 2) at which the window condition holds on
-    sizes estimated as ``ceil(captured / f)``; the recorded sizes decide (see module doc)."""
-    def estimate(f: int) -> SizeOf:
+def candidate_factors(graph: Graph, max_factor: float = MAX_FACTOR) -> list[float]:
+    """The :data:`FACTORS` up to ``max_factor`` (largest first) at which the window
+    condition holds on sizes estimated as ``ceil(captured / f)``; the recorded sizes
+    decide (see the module docstring)."""
+    def estimate(f: float) -> SizeOf:
         def size_of(value: str) -> tuple[int, ...] | None:
             shape = graph.shape(value)
             if shape is None or len(shape) < 3:
@@ -116,16 +120,16 @@ def candidate_factors(graph: Graph, max_factor: int = MAX_FACTOR) -> list[int]:
             return (*shape[:2], *(math.ceil(s / f) for s in shape[2:]))
         return size_of
 
-    return [f for f in range(max_factor, 1, -1) if violated_window(graph, estimate(f), outputs=False) is None]
+    return [f for f in FACTORS if f <= max_factor and violated_window(graph, estimate(f), outputs=False) is None]
 
 
-def shrink_factor(graph: Graph, max_factor: int = MAX_FACTOR) -> int:
+def shrink_factor(graph: Graph, max_factor: float = MAX_FACTOR) -> float:
     """The largest candidate factor (:func:`candidate_factors`), 1 when none."""
     factors = candidate_factors(graph, max_factor)
     return factors[0] if factors else 1
 
 
-def crop(samples: Sequence[Sequence[Any]], f: int) -> list[list[np.ndarray]] | None:
+def crop(samples: Sequence[Sequence[Any]], f: float) -> list[list[np.ndarray]] | None:
     """``samples`` as numpy arrays, each floating rank-4/5 input cropped to ``ceil(size /
     f)`` on its spatial axes (batch and channels kept); None when nothing is image-like."""
     out, shrunk = [], False
@@ -142,13 +146,26 @@ def crop(samples: Sequence[Sequence[Any]], f: int) -> list[list[np.ndarray]] | N
     return out if shrunk else None
 
 
-def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: int = MAX_FACTOR) -> list[list[np.ndarray]] | None:
+def stacked(samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray] | None:
+    """All samples as one: each input concatenated along its leading (batch) axis; None
+    when an input has no axis or the samples' shapes beyond the batch axis differ."""
+    if not samples:
+        return None
+    out = []
+    for parts in zip(*samples):
+        if any(p.ndim == 0 or p.shape[1:] != parts[0].shape[1:] for p in parts):
+            return None
+        out.append(np.concatenate(parts, axis=0))
+    return out
+
+
+def reduced_samples(graph: Graph, samples: Sequence[Sequence[Any]], max_factor: float = MAX_FACTOR) -> list[list[np.ndarray]] | None:
     """``samples`` cropped by :func:`shrink_factor` (not yet confirmed by recorded sizes);
     None when the graph cannot run at another size or nothing would shrink."""
     if not getattr(graph.frontend, "shape_polymorphic", False):
         return None
     f = shrink_factor(graph, max_factor)
-    return crop(samples, f) if f >= 2 else None
+    return crop(samples, f) if f > 1 else None
 
 
 def recorded_size_of(shapes: Mapping[str, tuple[int, ...]]) -> SizeOf:

@@ -139,11 +139,10 @@ def check_exact(
     reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
     measured only when the error exceeds the floor (below it the tolerance cannot
     matter), unless ``always_measure`` (reports that show it).  ``shrink`` first checks on
-    the samples cropped to the smallest spatial size at which every conv still has every
-    tap read data (:mod:`graphprune.probe_size`, which states why that proves the same),
-    and on the samples as given when the graphs cannot run at that size or the check
-    fails there (rounding grows differently with the size: a failure counts only at the
-    size given).
+    the samples cropped to the smallest spatial size at which every conv tap still reads
+    data (:mod:`graphprune.probe_size`, which states why that proves the same), and on
+    the samples as given when the graphs cannot run at that size or the check fails there
+    (rounding grows differently with the size: a failure counts only at the size given).
 
     One random probe already proves exactness almost surely: the difference of the two
     graphs is a piecewise-analytic function of the input, so unless it is zero on a
@@ -154,70 +153,56 @@ def check_exact(
         if shrink:
             small = _compare_small(graph, reference, samples)
             if small is not None:
-                check = _outcome(small[0], reference, small[1], rtol, always_measure)
+                check = _outcome(small[0], reference, small[1], len(samples), rtol, always_measure)
                 if check.passed:
                     return check
-        return _outcome(compare(graph, reference, inputs=samples), reference, samples, rtol, always_measure)
+        error = compare(graph, reference, inputs=samples)
+        return _outcome(error, reference, samples, len(samples), rtol, always_measure)
 
 
-def _outcome(error: float, reference: Graph, samples: Samples, rtol: float | None, always_measure: bool) -> ExactnessCheck:
-    """The check's numbers for ``error`` measured on ``samples``: ``rtol`` if given, else
-    the tolerance from the reference's noise on the same samples."""
+def _outcome(
+    error: float, reference: Graph, samples: Samples, count: int, rtol: float | None, always_measure: bool
+) -> ExactnessCheck:
+    """The check's numbers for ``error`` measured on ``samples`` (``count`` probes):
+    ``rtol`` if given, else the tolerance from the reference's noise on the same samples."""
     if rtol is not None:
-        return ExactnessCheck(error, rtol, None, len(samples), measured=False)
+        return ExactnessCheck(error, rtol, None, count, measured=False)
     noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
-    return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
+    return ExactnessCheck(error, measured_tolerance(noise), noise, count, measured=True)
 
 
-SMALL_ATTEMPTS = 4
+SMALL_ATTEMPTS = 5
 """Reference runs at candidate crop factors before checking at the captured size."""
 
 
 def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[float, list[list[Any]]] | None:
     """The error on the samples cropped by the largest factor found at which the
     reference's recorded conv sizes meet the window condition (:mod:`graphprune.probe_size`),
-    with those samples, or None when nothing crops, the frontend cannot run or record at
-    another size, or no tried factor qualifies (then the caller checks at the captured size).
+    with the samples it ran (one batch, or the cropped probes), or None when nothing crops, the frontend cannot run or record at another size, or
+    no tried factor qualifies (then the caller checks at the captured size).
 
-    The estimated largest factor is tried first; when the recorded sizes refuse it (or
-    the model cannot run there), a bisection over the smaller factors follows, at most
-    :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted."""
-    from . import probe_size
+    The largest candidate factor is tried first; when the recorded sizes refuse it (or
+    the model cannot run there), a bisection over the smaller candidates follows, at most
+    :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted.
+    The probes run as one batch (their inputs concatenated on the batch axis: one
+    forward of each graph instead of one per probe) unless the model refuses that."""
+    from .probe_size import candidate_factors
 
-    record = getattr(reference.frontend, "run_with_shapes", None)
-    factors = probe_size.candidate_factors(reference)
-    if record is None or not getattr(reference.frontend, "shape_polymorphic", False) or not factors:
+    factors = candidate_factors(reference)
+    if not hasattr(reference.frontend, "run_with_shapes") or not getattr(reference.frontend, "shape_polymorphic", False) \
+            or not factors:
         return None
-    watched = probe_size.window_values(reference)
-
-    def attempt(f: int) -> tuple[list[list[Any]], list[Any]] | None:
-        small = probe_size.crop(samples, f)
-        if small is None:
-            return None
-        if not _windows_inferred_ok(reference, small[0], f):
-            return None
-        try:
-            first, shapes = record(small[0], watched)
-        except Exception as exc:  # a size the model's code fixes, or a window larger than its input
-            logger.debug("the reference cannot run at 1/%d of the size (%s)", f, str(exc).splitlines()[0] if str(exc) else exc)
-            return None
-        bad = probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
-        if bad is not None:
-            logger.debug("at 1/%d of the size a tap of %s reads no data", f, bad)
-            return None
-        return small, first
-
-    lo, hi, best = 1, factors[0], None
-    f = hi
-    for _ in range(SMALL_ATTEMPTS):
-        found = attempt(f)
+    search = _CropSearch(reference, samples)
+    best, tries = search.attempt(factors[0]), 1
+    left, right = 1, len(factors) - 1
+    searching = best is None  # bisection for the largest factor that passes
+    while searching and left <= right and tries < SMALL_ATTEMPTS:
+        mid = (left + right) // 2
+        found, tries = search.attempt(factors[mid]), tries + 1
         if found is not None:
-            lo, best = f, found
+            best, right = found, mid - 1
         else:
-            hi = f - 1
-        if lo >= hi:
-            break
-        f = (lo + hi + 1) // 2
+            left = mid + 1
     if best is None:
         return None
     small, first = best
@@ -226,26 +211,74 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[fl
         for xs in small[1:]:
             worst = max(worst, relative_error(graph.run(*xs), reference.run(*xs)))
     except Exception as exc:  # the rewritten graph fixes a size the reference does not: check at full size
-        logger.debug("the rewritten graph cannot run at the smaller size (%s)", exc)
+        logger.debug("the rewritten graph cannot run at the smaller size (%s)", _first_line(exc))
         return None
     return worst, small
 
 
-def _windows_inferred_ok(reference: Graph, xs: Sequence[Any], f: int) -> bool:
-    """Where the frontend infers shapes at another size without running (``shapes_at``:
-    ONNX), the window condition on those shapes, so that a refused size costs no run;
-    True for frontends without it (their recorded run decides)."""
-    from . import probe_size
+class _CropSearch:
+    """Reference runs at candidate crop factors, with the window condition checked on
+    the recorded sizes; :meth:`attempt` gives the (cropped samples, first outputs) to
+    compare against, or None."""
 
-    shapes_at = getattr(reference.frontend, "shapes_at", None)
-    if shapes_at is None:
+    def __init__(self, reference: Graph, samples: Samples) -> None:
+        from . import probe_size
+
+        self.sizes = probe_size
+        self.reference = reference
+        self.samples = samples
+        self.watched = probe_size.window_values(reference)
+        self.stack = len(samples) > 1  # until the model refuses one batch
+
+    def attempt(self, f: float) -> tuple[list[list[Any]], list[Any]] | None:
+        small = self.sizes.crop(self.samples, f)
+        if small is None:
+            return None
+        batch = self.sizes.stacked(small) if self.stack else None
+        if batch is not None:
+            try:
+                return self._accepted(f, [batch])
+            except Exception:  # the batch, or the size? the run below tells
+                pass
+        try:
+            found = self._accepted(f, small)
+        except Exception as exc:  # a size the model's code fixes, or a window larger than its input
+            logger.debug("the reference cannot run at 1/%g of the size (%s)", f, _first_line(exc))
+            return None
+        if batch is not None:
+            logger.debug("the probes cannot run as one batch; running them one by one")
+            self.stack = False
+        return found
+
+    def _accepted(self, f: float, small: list[list[Any]]) -> tuple[list[list[Any]], list[Any]] | None:
+        if not self._inferred_ok(f, small[0]):
+            return None
+        first, shapes = self.reference.frontend.run_with_shapes(small[0], self.watched)
+        bad = self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+        if bad is not None:
+            logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
+            return None
+        return small, first
+
+
+    def _inferred_ok(self, f: float, xs: Sequence[Any]) -> bool:
+        """Where the frontend infers shapes at another size without running (``shapes_at``:
+        ONNX), the window condition on those shapes, so that a refused size costs no run;
+        True for frontends without it (their recorded run decides)."""
+        shapes_at = getattr(self.reference.frontend, "shapes_at", None)
+        if shapes_at is None:
+            return True
+        shapes = shapes_at([tuple(as_numpy(x).shape) for x in xs])
+        bad = "(no inferred shapes)" if shapes is None else \
+            self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+        if bad is not None:
+            logger.debug("at 1/%g of the size a tap of %s reads no data (inferred shapes)", f, bad)
+            return False
         return True
-    shapes = shapes_at([tuple(as_numpy(x).shape) for x in xs])
-    bad = "(no inferred shapes)" if shapes is None else probe_size.violated_window(reference, probe_size.recorded_size_of(shapes))
-    if bad is not None:
-        logger.debug("at 1/%d of the size a tap of %s reads no data (inferred shapes)", f, bad)
-        return False
-    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def assert_exact(

@@ -227,21 +227,22 @@ def test_graph_run_reuses_one_export_for_both_sessions() -> None:
 
 # ------------------------------------------------------------- cropping
 def _chosen_size(graph: gp.Graph) -> tuple[int, ...] | None:
-    """The probe size the check settles on for ``graph`` (None: the captured size)."""
+    """The spatial probe size the check settles on for ``graph`` (None: the captured size)."""
     found = verify._compare_small(graph, graph, [graph.random_inputs(0)])
-    return None if found is None else tuple(found[1][0][0].shape)
+    return None if found is None else tuple(found[1][0][0].shape[2:])
 
 
-def _ran_at(graph: gp.Graph) -> set[tuple[tuple[int, ...], ...]]:
-    """The input sizes ``graph`` built sessions for besides its captured one."""
-    return {key for key, _ in graph.frontend._resized_sessions}
+def _ran_at(graph: gp.Graph) -> set[tuple[int, ...]]:
+    """The spatial input sizes ``graph`` built sessions for besides its captured one (the
+    check runs its probes as one batch)."""
+    return {key[0][2:] for key, _ in graph.frontend._resized_sessions}
 
 
 def test_cropping_chosen_where_every_tap_reads_data() -> None:
     graph = _load(pooled_net(32))
     assert shrink_factor(graph) >= 2
     # at 3x3, c1 (pad 1) and the stride-2 c2 see 3 pixels, c3 sees 2: every tap reads data
-    assert _chosen_size(graph) == (1, 3, 3, 3)
+    assert _chosen_size(graph) == (3, 3)
     shapes = graph.frontend.shapes_at([(1, 3, 3, 3)])
     assert shapes["r2"] == (1, 32, 2, 2) and shapes["y"] == (1, 10)
     out, recorded = graph.frontend.run_with_shapes([np.zeros((1, 3, 3, 3), np.float32)], {"r1", "a3"})
@@ -266,15 +267,20 @@ def test_cropping_refused_where_a_slice_empties_a_conv_input() -> None:
     assert shrink_factor(graph) >= 2
     assert graph.frontend.shapes_at([(1, 3, 9, 9)]) is None  # the slice [24:36] of 9 pixels is empty
     assert graph.frontend.shapes_at([(1, 3, 36, 36)]) is not None
-    assert _chosen_size(graph) is None and _ran_at(graph) == set()
+    size = _chosen_size(graph)
+    # the slice leaves size - 24 pixels; the 3x3 convs behind it need 2
+    assert size is not None and 26 <= size[-1] < 36
+    assert all(key[-1] >= 26 for key in _ran_at(graph))  # smaller sizes refused before any session
 
 
 def test_cropping_refused_on_inferred_sizes_without_running() -> None:
     graph = _load(patchify_net(28))
     assert 2 in candidate_factors(graph)  # the estimated sizes allow a factor 2
     assert graph.frontend.shapes_at([(1, 3, 14, 14)])["a2"] == (1, 8, 3, 3)
-    assert _chosen_size(graph) is None
-    assert _ran_at(graph) == set()  # refused on the inferred sizes: no session, no forward
+    size = _chosen_size(graph)
+    assert size is not None and size[-1] > 14  # a smaller factor: the 7x7 conv sees 4 pixels or more
+    assert graph.frontend.shapes_at([(1, 3, *size)])["a2"][-1] >= 4
+    assert (14, 14) not in _ran_at(graph)  # 1/2 refused on the inferred sizes: no session, no forward
 
 
 def _prune(graph: gp.Graph) -> gp.PassResult:
@@ -303,7 +309,7 @@ def test_wrong_tap_caught_at_the_cropped_size(conv: str) -> None:
     assert size is not None and size[-1] < 32
     ok = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
     assert ok.passed and ok.error <= RTOL
-    assert _ran_at(result.graph) == {(size,)}  # it ran at the cropped size, not at 32x32
+    assert _ran_at(result.graph) == {size}  # it ran at the cropped size, not at 32x32
     assert result.graph.frontend._session_cache is None
     _corrupt_corner_tap(result, conv)
     found = verify._compare_small(result.graph, reference, [reference.random_inputs(0), reference.random_inputs(1)])
@@ -330,7 +336,7 @@ def test_pipeline_check_crops_and_catches_a_corrupting_rewrite(monkeypatch: pyte
     graph = _load(pooled_net(32))
     clean = gp.run(graph, "prune-channels{ratio=0.5}")
     assert clean.checks[0] is not None and clean.checks[0].passed
-    assert _ran_at(clean.graph) == {((1, 3, 3, 3),)}
+    assert _ran_at(clean.graph) == {(3, 3)}
 
     import graphprune.passes.prune_channels as prune_channels
 
@@ -350,14 +356,16 @@ def test_pipeline_check_crops_and_catches_a_corrupting_rewrite(monkeypatch: pyte
 
 
 def test_wrong_tap_behind_a_slice_caught() -> None:
-    """Cropping would empty the slice in front of c2 and c3; it is refused there and the
-    corrupted c3 is caught at the captured size."""
+    """The check crops only as far as the slice in front of c2 and c3 keeps them fed; the
+    corrupted c3 is caught there."""
     graph = _load(sliced_net(36))
     result = _prune(graph)
     reference = result.reference()
     assert check_exact(result.graph, reference, rtol=RTOL, shrink=True).passed
-    assert _ran_at(result.graph) == set()
+    assert all(26 <= key[-1] < 36 for key in _ran_at(result.graph))
     _corrupt_corner_tap(result, "c3")
+    found = verify._compare_small(result.graph, reference, [reference.random_inputs(0), reference.random_inputs(1)])
+    assert found is not None and found[0] > 1e-3
     bad = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
     assert not bad.passed and bad.error > 1e-3
 
@@ -380,7 +388,7 @@ def test_failure_at_the_cropped_size_is_confirmed_at_the_captured_size(monkeypat
 
     monkeypatch.setattr(verify, "_compare_small", pessimistic)
     check = check_exact(result.graph, reference, rtol=RTOL, shrink=True)
-    assert calls == [(1, 3, 3, 3)]
+    assert [c[2:] for c in calls] == [(3, 3)]
     assert check.passed and check.error <= RTOL
     assert result.graph.frontend._session_cache is not None  # the verdict came from 32x32
 
@@ -394,9 +402,9 @@ def test_one_wide_windows_after_global_pooling_do_not_limit_the_factor() -> None
     reference = result.reference()
     size = _chosen_size(reference)
     assert size is not None and size[-1] <= 4
-    assert graph.frontend.shapes_at([size])["e1"] == (1, 4, 1, 1)
+    assert graph.frontend.shapes_at([(1, 3, *size)])["e1"] == (1, 4, 1, 1)
     assert check_exact(result.graph, reference, rtol=RTOL, shrink=True).passed
-    assert _ran_at(result.graph) == {(size,)}
+    assert _ran_at(result.graph) == {size}
     _corrupt_corner_tap(result, "c2")
     found = verify._compare_small(result.graph, reference, [reference.random_inputs(0)])
     assert found is not None and found[0] > 1e-3

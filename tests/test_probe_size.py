@@ -53,8 +53,9 @@ def test_factor_keeps_every_tap_on_data_at_every_conv() -> None:
     # conv with pad 1 needs 3 pixels (at 2 its first tap reads only padding), a stride-1 one
     # needs 2: ceil(12/5) = 3 and ceil(6/5) = 2 allow 5; at 6, ceil(12/6) = 2 does not.
     assert shrink_factor(_graph(Strided(), 24)) == 5
-    assert shrink_factor(_graph(Strided(), 48)) == 11  # ceil(24/11) = 3, ceil(12/11) = 2
-    assert shrink_factor(_graph(Strided(), 8)) == 1  # the stride-2 conv c3 already sees only 4
+    assert shrink_factor(_graph(Strided(), 48)) == 10  # ceil(24/10) = 3, ceil(12/10) = 2
+    assert shrink_factor(_graph(Strided(), 8)) == 1.75  # c3 sees ceil(4/1.75) = 3, c4 ceil(2/1.75) = 2
+    assert shrink_factor(_graph(Strided(), 4)) == 1  # c3 sees 2 < 3 already
     graph = _graph(Strided(), 24)
     small = reduced_samples(graph, [graph.random_inputs(0)])
     assert small is not None and tuple(small[0][0].shape) == (2, 3, 5, 5)  # batch and channels kept
@@ -114,9 +115,10 @@ def test_recorded_sizes_overrule_an_optimistic_estimate() -> None:
         assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
     finally:
         _stop_recording(graph)
-    # 1/6 (7 px) is refused on its recorded sizes; bisection: 1/3 (14 px) passes, 1/4 (10 px:
-    # c1 gives 2) passes, 1/5 (8 px) is refused; the check runs at 10 px
-    assert [s[2] for s in seen[:4]] == [7, 14, 10, 8] and {s[2] for s in seen[4:]} == {10}, seen
+    # 1/6 (7 px) is refused on its recorded sizes; bisection over 5, 4, 3.5, 3, 2.5, ...:
+    # 1/2.5 (16 px) passes, 1/4 (10 px: c1 gives 2) passes, 1/5 (8 px) is refused; the
+    # check runs at 10 px
+    assert [s[2] for s in seen[:4]] == [7, 16, 10, 8] and {s[2] for s in seen[4:]} == {10}, seen
     _corrupt_outer_tap(result, "c2")
     assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
 
@@ -203,3 +205,39 @@ def test_probe_count_is_an_option() -> None:
         gp.run(graph, "prune-channels{ratio=0.5}", probes=0)
     result = gp.run(graph, "prune-channels{ratio=0.5}", probes=3)
     assert result.checks[0] is not None and result.checks[0].samples == 3 and result.checks[0].passed
+
+
+class BatchOne(nn.Module):
+    """Strided, but its head hard-codes a batch of one (``view(1, 8)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Strided()
+        self.body.fc = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).view(1, 8)
+
+
+def test_probes_run_as_one_batch_unless_the_model_refuses() -> None:
+    graph = _graph(Strided(), 24)
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    seen = _recording_runs(graph)
+    try:
+        assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=3).passed
+    finally:
+        _stop_recording(graph)
+    assert seen == [(6, 3, 5, 5), (6, 3, 5, 5)]  # 3 probes of batch 2: one reference and one rewritten run
+
+    torch.manual_seed(0)
+    graph = gp.trace(randomize_(BatchOne()).eval(), torch.randn(1, 3, 24, 24), capture="fx")
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    seen = _recording_runs(graph)
+    try:
+        assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
+    finally:
+        _stop_recording(graph)
+    # the batch of 2 is refused, the same size one by one is accepted: 2 reference + 2 rewritten runs
+    assert seen[0] == (2, 3, 5, 5) and seen[1:] == [(1, 3, 5, 5)] * 4, seen
+    _corrupt_outer_tap(result, "body.c4")
+    assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed

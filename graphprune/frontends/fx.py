@@ -192,7 +192,7 @@ class FxFrontend:
 
     # --------------------------------------------------------------- analysis
     def _propagate(self) -> None:
-        self.gm.eval()
+        _ensure_eval(self.gm)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self._inputs):
             raise CaptureError(
@@ -522,14 +522,14 @@ class FxFrontend:
 
     def run(self, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
         """Outputs (torch tensors) on ``inputs`` (tensors or numpy arrays), eval mode."""
-        self.gm.eval()
+        _ensure_eval(self.gm)
         with torch.no_grad():
             out = self.gm(*[to_tensor(x, self._device()) for x in inputs])
         return [t for t in _flatten_tensors(out)]
 
     def run_with_shapes(self, inputs: Sequence[torch.Tensor | np.ndarray], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
         """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way."""
-        self.gm.eval()
+        _ensure_eval(self.gm)
         recorder = _ShapeRecorder(self.gm, values)
         with torch.no_grad():
             out = recorder.run(*[to_tensor(x, self._device()) for x in inputs])
@@ -713,6 +713,12 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
     return fx.GraphModule(root, new, name)
 
 
+def _ensure_eval(gm: nn.Module) -> None:
+    """``gm.eval()`` unless every module already is (``eval`` sets an attribute on each)."""
+    if any(m.training for m in gm.modules()):
+        gm.eval()
+
+
 def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
     """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors."""
     root = _shallow_tree(gm)
@@ -724,7 +730,8 @@ def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
             if v is not None:
                 mod._buffers[k] = v.clone()
     out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False)
-    out.train(training)
+    if any(m.training != training for m in out.modules()):
+        out.train(training)
     return out
 
 
@@ -737,10 +744,9 @@ def _shallow_tree(module: nn.Module) -> nn.Module:
     buffers, children, hook tables) is a new one, so replacing an entry or registering a
     hook on one tree never reaches the other."""
     new = object.__new__(type(module))
-    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    state["_modules"] = {k: (_shallow_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    object.__setattr__(new, "__dict__", state)  # Module.__setattr__ is slow
     return new
 
 
@@ -911,23 +917,26 @@ def _tuple_source(n: fx.Node) -> fx.Node | None:
 
 
 def _sync_module_metadata(mod: nn.Module) -> None:
-    """Re-derive size attributes (in_channels, num_features...) from edited weights."""
+    """Re-derive size attributes (in_channels, num_features...) from edited weights.
+    They are plain attributes: written to the instance dict (``Module.__setattr__``
+    would first look for a parameter, buffer or submodule of that name)."""
+    plain = mod.__dict__
     if isinstance(mod, nn.modules.conv._ConvNd):
         w = mod.weight
         if mod.transposed:
-            mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+            plain["in_channels"], plain["out_channels"] = w.shape[0], w.shape[1] * mod.groups
         else:
-            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
-        mod.kernel_size = tuple(w.shape[2:])
+            plain["out_channels"], plain["in_channels"] = w.shape[0], w.shape[1] * mod.groups
+        plain["kernel_size"] = tuple(w.shape[2:])
     elif isinstance(mod, nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
+        plain["out_features"], plain["in_features"] = mod.weight.shape
     elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         ref = mod.running_mean if mod.running_mean is not None else mod.weight
         if ref is not None:
-            mod.num_features = ref.shape[0]
+            plain["num_features"] = ref.shape[0]
     elif isinstance(mod, nn.GroupNorm) and mod.weight is not None:
-        mod.num_channels = mod.weight.shape[0]
+        plain["num_channels"] = mod.weight.shape[0]
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-        mod.normalized_shape = tuple(mod.weight.shape)
+        plain["normalized_shape"] = tuple(mod.weight.shape)
     elif isinstance(mod, nn.PReLU):
-        mod.num_parameters = mod.weight.numel()
+        plain["num_parameters"] = mod.weight.numel()
