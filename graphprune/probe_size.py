@@ -8,11 +8,14 @@ every tap of its window:
 * the passes edit channels (which slices exist), kernel rings, groups and ranks of
   convs and linear layers; all of these act the same at every spatial position, so a
   wrong channel, tap or block shows at any output position where that tap reads data;
-* so the condition is, per conv and spatial axis: every tap ``j`` of the kernel reads a
-  real input pixel at some output position ``t``, i.e. ``0 <= t*stride - pad + j*dilation
-  < size`` for some ``0 <= t < out`` (:func:`taps_reach_data`).  Then each weight reaches
-  the output, and so does each padding position (the border outputs read it); a
-  transposed conv must see an input at least one dilated kernel wide;
+* so the condition is, per conv and spatial axis: every tap ``j`` of the kernel that
+  reads a real input pixel at the captured size, i.e. ``0 <= t*stride - pad + j*dilation
+  < size`` for some output position ``0 <= t < out`` (:func:`reached_taps`), still does
+  at the smaller size.  Then each weight that reaches the output in use still does, and
+  so does each padding position (the border outputs read it); a tap that reads only
+  padding at the captured size (a dilation wider than the map, as in DeepLab's ASPP)
+  cannot matter at any size; a transposed conv must see an input at least one dilated
+  kernel wide (or as wide as at the captured size);
 * batch and channel axes are kept, so every channel slice of every op is still there.
 
 Sizes at a smaller input are not known before running, so the check picks candidate
@@ -38,7 +41,7 @@ import numpy as np
 from .arrays import as_numpy
 from .graph import Graph, Node
 
-__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "stacked", "taps_reach_data", "violated_window",
+__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "stacked", "reached_taps", "taps_reach_data", "violated_window",
            "window_values"]
 
 WINDOW_KINDS = ("conv", "conv_transpose")
@@ -49,15 +52,20 @@ MAX_FACTOR = FACTORS[0]
 SizeOf = Callable[[str], "tuple[int, ...] | None"]
 
 
-def taps_reach_data(size: int, out: int, kernel: int, stride: int = 1, dilation: int = 1, pad: int = 0) -> bool:
-    """True when every tap ``j < kernel`` reads an input index in ``[0, size)`` at some
-    output position ``t < out``: ``0 <= t*stride - pad + j*dilation < size``."""
+def reached_taps(size: int, out: int, kernel: int, stride: int = 1, dilation: int = 1, pad: int = 0) -> list[bool]:
+    """For each tap ``j < kernel``: whether it reads an input index in ``[0, size)`` at
+    some output position ``t < out``, i.e. ``0 <= t*stride - pad + j*dilation < size``."""
+    reached = []
     for j in range(kernel):
         offset = j * dilation - pad
         t = max(0, -(offset // stride))  # the first t with t*stride + offset >= 0
-        if t >= out or t * stride + offset >= size:
-            return False
-    return True
+        reached.append(t < out and t * stride + offset < size)
+    return reached
+
+
+def taps_reach_data(size: int, out: int, kernel: int, stride: int = 1, dilation: int = 1, pad: int = 0) -> bool:
+    """True when every tap reads data somewhere (:func:`reached_taps`)."""
+    return all(reached_taps(size, out, kernel, stride, dilation, pad))
 
 
 def _window(node: Node, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -70,17 +78,26 @@ def _window(node: Node, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tu
     return kernel, stride, dilation, pads[:rank], pads[rank:]
 
 
-def _node_ok(node: Node, size: Sequence[int], out: Sequence[int] | None) -> bool:
-    """The window condition at one conv with input spatial ``size`` (and output ``out``)."""
+def _node_ok(node: Node, size: Sequence[int], out: Sequence[int] | None, full: Sequence[int],
+             full_out: Sequence[int] | None) -> bool:
+    """The window condition at one conv with input spatial ``size`` (output ``out``, None:
+    from the window formula): every tap that reads data at the captured sizes ``full``
+    (``full_out``) still does.  A transposed conv needs an input one dilated kernel wide
+    (or as wide as the captured one)."""
     kernel, stride, dilation, begin, end = _window(node, len(size))
     for axis, s in enumerate(size):
         k, st, d, pb, pe = kernel[axis], stride[axis], dilation[axis], begin[axis], end[axis]
         if node.kind == "conv_transpose":
-            if s < d * (k - 1) + 1:
+            if s < min(d * (k - 1) + 1, full[axis]):
                 return False
             continue
-        o = out[axis] if out is not None else (s + pb + pe - d * (k - 1) - 1) // st + 1
-        if not taps_reach_data(s, o, k, st, d, pb):
+
+        def outputs(n: int, given: Sequence[int] | None) -> int:
+            return given[axis] if given is not None else (n + pb + pe - d * (k - 1) - 1) // st + 1
+
+        now = reached_taps(s, outputs(s, out), k, st, d, pb)
+        before = reached_taps(full[axis], outputs(full[axis], full_out), k, st, d, pb)
+        if any(b and not n for n, b in zip(now, before)):
             return False
     return True
 
@@ -89,18 +106,26 @@ def _windows(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.kind in WINDOW_KINDS and n.inputs and n.outputs]
 
 
-def violated_window(graph: Graph, size_of: SizeOf, outputs: bool = True) -> Node | None:
+def violated_window(graph: Graph, size_of: SizeOf) -> Node | None:
     """The first conv of ``graph`` where some tap reads no data at the sizes ``size_of``
-    gives (value name -> full shape, None if unknown); None when every conv passes.
-    Output sizes come from ``size_of`` too when ``outputs``, else from the window formula."""
-    for node in _windows(graph):
-        shape = size_of(node.inputs[0])
-        out = size_of(node.outputs[0]) if outputs else None
+    gives (value name -> full shape, None if unknown); None when every conv passes."""
+    for node, full, full_out in _captured(graph):
+        shape, out = size_of(node.inputs[0]), size_of(node.outputs[0])
         if shape is None or len(shape) < 3:
             continue
-        if not _node_ok(node, shape[2:], out[2:] if out is not None and len(out) == len(shape) else None):
+        if not _node_ok(node, shape[2:], out[2:] if out is not None and len(out) == len(shape) else None, full, full_out):
             return node
     return None
+
+
+def _captured(graph: Graph) -> list[tuple[Node, tuple[int, ...], tuple[int, ...] | None]]:
+    """Each conv with the captured spatial sizes of its input and output (None if unknown)."""
+    out = []
+    for node in _windows(graph):
+        shape, result = graph.shape(node.inputs[0]), graph.shape(node.outputs[0])
+        if shape is not None and len(shape) >= 3:
+            out.append((node, shape[2:], result[2:] if result is not None and len(result) == len(shape) else None))
+    return out
 
 
 def window_values(graph: Graph) -> set[str]:
@@ -112,15 +137,16 @@ def candidate_factors(graph: Graph, max_factor: float = MAX_FACTOR) -> list[floa
     """The :data:`FACTORS` up to ``max_factor`` (largest first) at which the window
     condition holds on sizes estimated as ``ceil(captured / f)``; the recorded sizes
     decide (see the module docstring)."""
-    def estimate(f: float) -> SizeOf:
-        def size_of(value: str) -> tuple[int, ...] | None:
-            shape = graph.shape(value)
-            if shape is None or len(shape) < 3:
-                return shape
-            return (*shape[:2], *(math.ceil(s / f) for s in shape[2:]))
-        return size_of
-
-    return [f for f in FACTORS if f <= max_factor and violated_window(graph, estimate(f), outputs=False) is None]
+    captured = _captured(graph)
+    images = [shape[2:] for v in graph.inputs if (shape := graph.shape(v)) is not None and len(shape) in (4, 5)]
+    out = []
+    for f in FACTORS:
+        if not any(math.ceil(s / f) < s for size in images for s in size):
+            continue  # crops nothing
+        if f <= max_factor and all(_node_ok(node, [math.ceil(s / f) for s in full], None, full, full_out)
+                                   for node, full, full_out in captured):
+            out.append(f)
+    return out
 
 
 def shrink_factor(graph: Graph, max_factor: float = MAX_FACTOR) -> float:

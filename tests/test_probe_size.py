@@ -55,7 +55,8 @@ def test_factor_keeps_every_tap_on_data_at_every_conv() -> None:
     assert shrink_factor(_graph(Strided(), 24)) == 5
     assert shrink_factor(_graph(Strided(), 48)) == 10  # ceil(24/10) = 3, ceil(12/10) = 2
     assert shrink_factor(_graph(Strided(), 8)) == 1.75  # c3 sees ceil(4/1.75) = 3, c4 ceil(2/1.75) = 2
-    assert shrink_factor(_graph(Strided(), 4)) == 1  # c3 sees 2 < 3 already
+    assert shrink_factor(_graph(Strided(), 4)) == 1.75  # c3 sees 2, c4 1: the same taps at 3 px
+    assert shrink_factor(_graph(Strided(), 3)) == 1  # no factor crops a pixel
     graph = _graph(Strided(), 24)
     small = reduced_samples(graph, [graph.random_inputs(0)])
     assert small is not None and tuple(small[0][0].shape) == (2, 3, 5, 5)  # batch and channels kept
@@ -241,3 +242,62 @@ def test_probes_run_as_one_batch_unless_the_model_refuses() -> None:
     assert seen[0] == (2, 3, 5, 5) and seen[1:] == [(1, 3, 5, 5)] * 4, seen
     _corrupt_outer_tap(result, "body.c4")
     assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
+
+
+class Functional(nn.Module):
+    """A conv called through ``F.conv2d`` and a conv module used twice: no hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(nn.functional.conv2d(x, self.w, padding=1, stride=2))
+        return self.shared(torch.relu(self.shared(y))).mean((2, 3))
+
+
+@pytest.mark.parametrize("model, hooked", [(Strided, True), (Unpadded, True), (Functional, False)])
+def test_recorded_sizes_are_the_same_through_hooks_or_the_interpreter(model: type, hooked: bool) -> None:
+    from graphprune.frontends.fx import _ShapeRecorder, _shape_hooks
+
+    graph = _graph(model(), 20)
+    values = window_values(graph)
+    fe = graph.frontend
+    assert (_shape_hooks(fe.gm, values) is not None) == hooked
+    x = torch.randn(2, 3, 13, 11)
+    out, shapes = fe.run_with_shapes([x], values)
+    recorder = _ShapeRecorder(fe.gm, values)
+    with torch.no_grad():
+        want = recorder.run(x)
+    assert shapes == recorder.shapes and set(shapes) == values
+    assert torch.equal(out[0], want)
+
+
+class Dilated(nn.Module):
+    """An ASPP-like branch: a dilation wider than its 12x12 map, so only the centre tap
+    ever reads data; that must not stop the crop, and the centre tap must stay checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.aspp = nn.Conv2d(8, 8, 3, padding=13, dilation=13)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        return self.fc(self.c3(torch.relu(self.aspp(y))).mean((2, 3)))
+
+
+def test_taps_that_never_read_data_do_not_stop_the_crop() -> None:
+    graph = _graph(Dilated(), 24)
+    assert shrink_factor(graph) == 10  # 3 px: c1 (stride 2) needs 3; the ASPP conv only its centre
+    result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
+    assert result.modified and check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
+    g = result.graph
+    key = g.find("aspp").params["weight"]
+    w = g.param(key).copy()
+    w[:, :, 1, 1] += 1.0  # the centre tap, the one that reads data
+    g.set_param(key, w)
+    assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed

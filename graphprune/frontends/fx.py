@@ -528,12 +528,12 @@ class FxFrontend:
         return [t for t in _flatten_tensors(out)]
 
     def run_with_shapes(self, inputs: Sequence[torch.Tensor | np.ndarray], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
-        """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way."""
+        """:meth:`run`, and the shapes of the tensor values named in ``values`` on the way:
+        through hooks on the modules that read or write them when each is a module's
+        first input or output (the compiled forward), else through an interpreter."""
         _ensure_eval(self.gm)
-        recorder = _ShapeRecorder(self.gm, values)
         with torch.no_grad():
-            out = recorder.run(*[to_tensor(x, self._device()) for x in inputs])
-        return list(_flatten_tensors(out)), recorder.shapes
+            return _run_recording(self.gm, [to_tensor(x, self._device()) for x in inputs], values)
 
     def inputs_from_arrays(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Numpy inputs as tensors on the model's device, in the example inputs' dtypes
@@ -586,6 +586,56 @@ def _param_gradients(
         value = loss(_flatten_tensors(out))
         grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
     return {k: torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(params, grads)}
+
+
+def _run_recording(gm: fx.GraphModule, tensors: list[torch.Tensor], values: set[str]) -> tuple[list[torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Outputs of ``gm`` and the shapes of ``values``: by module hooks when they cover
+    every value (:func:`_shape_hooks`), else by an interpreter."""
+    hooks = _shape_hooks(gm, values)
+    if hooks is None:
+        recorder = _ShapeRecorder(gm, values)
+        return list(_flatten_tensors(recorder.run(*tensors))), recorder.shapes
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = [mod.register_forward_hook(_recording_hook(shapes, ins, out)) for mod, ins, out in hooks]
+    try:
+        out = gm(*tensors)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(_flatten_tensors(out)), shapes
+
+
+def _shape_hooks(gm: fx.GraphModule, values: set[str]) -> list[tuple[nn.Module, str | None, str | None]] | None:
+    """(module, value it reads first, value it writes) to hook so that every value in
+    ``values`` is recorded, or None when some value is not a module's first input or
+    output, or a hooked module is called from more than one node."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    plan: dict[str, list[str | None]] = {}
+    covered: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        calls[n.target] = calls.get(n.target, 0) + 1
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        ins = first.name if first is not None and first.name in values else None
+        out = n.name if n.name in values else None
+        if ins or out:
+            plan[n.target] = [ins, out]
+            covered.update(v for v in (ins, out) if v)
+    if covered != set(values) or any(calls[t] > 1 for t in plan):
+        return None
+    return [(modules[t], ins, out) for t, (ins, out) in plan.items()]
+
+
+def _recording_hook(shapes: dict[str, tuple[int, ...]], ins: str | None, out: str | None) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, result: Any) -> None:
+        if ins is not None and args and isinstance(args[0], torch.Tensor):
+            shapes[ins] = tuple(args[0].shape)
+        if out is not None and isinstance(result, torch.Tensor):
+            shapes[out] = tuple(result.shape)
+
+    return hook
 
 
 class _ShapeRecorder(fx.Interpreter):
