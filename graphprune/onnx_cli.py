@@ -47,7 +47,7 @@ from .graph import Graph, GraphError, Node
 from .pass_api import TARGET_OPTIONS
 from .passes_base import PassManager, PipelineResult, VerificationError, _split_top, get_pass, parse_pipeline
 from .probes import check_samples, parse_input_values
-from .verify import ExactnessCheck, measured_tolerance, reference_noise, relative_error
+from .verify import RTOL_FLOOR, ExactnessCheck, measured_tolerance, reference_noise, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +194,13 @@ def optimize(args: argparse.Namespace) -> int:
             bar.update(1)
 
         data = load_calibration(args.calibration, graph) if args.calibration else None
+        # graphprune's own probes (no --check-inputs, no --input-value): the pipeline makes
+        # the same ones and may crop them (graphprune.probe_size); the file check below
+        # runs the written file on them at the full size
+        own_probes = args.check_inputs is None and not args.input_value
         manager = PassManager(passes, verify=args.check > 0, rtol=args.rtol, lossless=args.lossless,
-                              check_inputs=samples, data=data, freeze=not args.no_freeze)
+                              check_inputs=None if own_probes else samples, probes=max(args.check, 1), data=data,
+                              freeze=not args.no_freeze)
         result = manager.run(graph, progress=progress)
         bar.set_description("write")
         check = _Check(args, graph, result, samples)
@@ -244,6 +249,7 @@ class _Check:
         self.samples = samples
         self.given_rtol: float | None = args.rtol
         self.lossless = args.lossless
+        self.always_measure = bool(args.report)  # a report shows the noise even where it cannot matter
         self.source = args.input
         self.inputs_from = f"inputs from {args.check_inputs}" if args.check_inputs else "probe inputs"
         self.graph = graph
@@ -271,9 +277,13 @@ class _Check:
     def noise_source(self) -> Graph:
         """The graph whose own float noise sets the measured tolerance: the input graph
         (lossless or unchanged) or the last pass's projected reference."""
-        if self.lossless or not self.result.modified:
+        if self._against_input:
             return self.graph
         return [r for r in self.result.results if r.modified][-1].reference()
+
+    @property
+    def _against_input(self) -> bool:
+        return self.lossless or not self.result.modified
 
     def __call__(self, path: str) -> None:
         if not self.enabled:
@@ -282,10 +292,15 @@ class _Check:
         sess = _file_session(path)
         names = [i.name for i in sess.get_inputs()]
         worst = 0.0
+        expected = []
         for xs in self.samples:
             got = sess.run(None, {n: as_numpy(x) for n, x in zip(names, xs)})
-            worst = max(worst, relative_error(got, reference(xs)))
-        self.outcome = _outcome(worst, self.given_rtol, self.noise_source, self.samples)
+            expected.append(reference(xs))
+            worst = max(worst, relative_error(got, expected[-1]))
+        # against the projected reference, the noise source is that same graph: its
+        # outputs on these inputs are the ones just computed
+        self.outcome = _outcome(worst, self.given_rtol, self.noise_source, self.samples,
+                                None if self._against_input else expected, always_measure=self.always_measure)
         if not self.outcome.passed:
             raise VerificationError(
                 f"the written model differs from the {self.against} by {worst:.3g} on {self.n} {self.inputs_from} "
@@ -297,12 +312,19 @@ class _Check:
         return {**numbers, "inputs": self.n, "input_source": self.inputs_from, "against": self.against}
 
 
-def _outcome(error: float, given_rtol: float | None, reference: Callable[[], Graph], samples: list[list[np.ndarray]]) -> ExactnessCheck:
+def _outcome(
+    error: float, given_rtol: float | None, reference: Callable[[], Graph], samples: list[list[np.ndarray]],
+    outputs: list[list[Any]] | None = None, always_measure: bool = True,
+) -> ExactnessCheck:
     """The file check's numbers: ``--rtol`` if given, else the tolerance measured from the
-    noise of ``reference()`` (always measured here, so the report can show it)."""
+    noise of ``reference()``, as the pipeline's check does it: only when the error
+    exceeds the floor (below it the tolerance cannot matter), unless ``always_measure``
+    (a report that shows it); ``outputs`` are its outputs on ``samples`` when already computed."""
     if given_rtol is not None:
         return ExactnessCheck(error, given_rtol, None, len(samples), measured=False)
-    noise = reference_noise(reference(), samples)
+    if not always_measure and error <= RTOL_FLOOR:
+        return ExactnessCheck(error, measured_tolerance(None), None, len(samples), measured=True)
+    noise = reference_noise(reference(), samples, outputs=outputs)
     return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
 
 

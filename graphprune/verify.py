@@ -68,21 +68,22 @@ def measured_tolerance(noise: float | None) -> float:
     return min(max(NOISE_FACTOR * noise, RTOL_FLOOR), RTOL_CAP)
 
 
-def reference_noise(reference: Graph, samples: Samples) -> float | None:
+def reference_noise(reference: Graph, samples: Samples, outputs: Sequence[Sequence[Any]] | None = None) -> float | None:
     """How far ``reference``'s outputs move between onnxruntime optimisation levels on
-    ``samples`` (worst relative difference); None when its frontend has no optimised run."""
+    ``samples`` (worst relative difference); None when its frontend has no optimised run.
+    ``outputs``: ``reference``'s own outputs on ``samples``, when the caller has them."""
     run_optimised = getattr(reference.frontend, "run_optimised", None)
     if run_optimised is None:
         return None
     worst = 0.0
-    for xs in samples:
+    for k, xs in enumerate(samples):
         try:
             optimised = run_optimised(list(xs))
         except Exception as exc:  # an optimisation onnxruntime cannot apply to this model
             logger.warning("cannot measure the model's noise (onnxruntime with all optimisations: %s); tolerance %g",
                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__, RTOL_FLOOR)
             return None
-        worst = max(worst, relative_error(optimised, reference.run(*xs)))
+        worst = max(worst, relative_error(optimised, outputs[k] if outputs is not None else reference.run(*xs)))
     return worst
 
 
@@ -138,9 +139,10 @@ def check_exact(
     reference's own noise on the same inputs (:func:`measured_tolerance`).  The noise is
     measured only when the error exceeds the floor (below it the tolerance cannot
     matter), unless ``always_measure`` (reports that show it).  ``shrink`` first checks on
-    the samples cropped to the smallest spatial size at which every conv and pool still
-    sees a full window (:mod:`graphprune.probe_size`, which states why that proves the
-    same), and on the samples as given when the graphs cannot run at that size.
+    the samples cropped to the smallest spatial size at which every conv tap still reads
+    data (:mod:`graphprune.probe_size`, which states why that proves the same), and on
+    the samples as given when the graphs cannot run at that size or the check fails there
+    (rounding grows differently with the size: a failure counts only at the size given).
 
     One random probe already proves exactness almost surely: the difference of the two
     graphs is a piecewise-analytic function of the input, so unless it is zero on a
@@ -148,23 +150,35 @@ def check_exact(
     independent draw) guard against an unlucky draw near a region's boundary."""
     with stage("verify"):
         samples = _samples(reference, n, 0, inputs)
-        error = _compare_small(graph, reference, samples) if shrink else None
-        if error is None:
-            error = compare(graph, reference, inputs=samples)
-        if rtol is not None:
-            return ExactnessCheck(error, rtol, None, len(samples), measured=False)
-        noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
-    return ExactnessCheck(error, measured_tolerance(noise), noise, len(samples), measured=True)
+        if shrink:
+            small = _compare_small(graph, reference, samples)
+            if small is not None:
+                check = _outcome(small[0], reference, small[1], len(samples), rtol, always_measure)
+                if check.passed:
+                    return check
+        error = compare(graph, reference, inputs=samples)
+        return _outcome(error, reference, samples, len(samples), rtol, always_measure)
+
+
+def _outcome(
+    error: float, reference: Graph, samples: Samples, count: int, rtol: float | None, always_measure: bool
+) -> ExactnessCheck:
+    """The check's numbers for ``error`` measured on ``samples`` (``count`` probes):
+    ``rtol`` if given, else the tolerance from the reference's noise on the same samples."""
+    if rtol is not None:
+        return ExactnessCheck(error, rtol, None, count, measured=False)
+    noise = reference_noise(reference, samples) if always_measure or error > RTOL_FLOOR else None
+    return ExactnessCheck(error, measured_tolerance(noise), noise, count, measured=True)
 
 
 SMALL_ATTEMPTS = 5
 """Reference runs at candidate crop factors before checking at the captured size."""
 
 
-def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | None:
+def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[float, list[list[Any]]] | None:
     """The error on the samples cropped by the largest factor found at which the
     reference's recorded conv sizes meet the window condition (:mod:`graphprune.probe_size`),
-    or None when nothing crops, the frontend cannot run or record at another size, or
+    with the samples it ran (one batch, or the cropped probes), or None when nothing crops, the frontend cannot run or record at another size, or
     no tried factor qualifies (then the caller checks at the captured size).
 
     The largest candidate factor is tried first; when the recorded sizes refuse it (or
@@ -199,7 +213,7 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> float | 
     except Exception as exc:  # the rewritten graph fixes a size the reference does not: check at full size
         logger.debug("the rewritten graph cannot run at the smaller size (%s)", _first_line(exc))
         return None
-    return worst
+    return worst, small
 
 
 class _CropSearch:
@@ -237,12 +251,30 @@ class _CropSearch:
         return found
 
     def _accepted(self, f: float, small: list[list[Any]]) -> tuple[list[list[Any]], list[Any]] | None:
+        if not self._inferred_ok(f, small[0]):
+            return None
         first, shapes = self.reference.frontend.run_with_shapes(small[0], self.watched)
         bad = self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
         if bad is not None:
             logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
             return None
         return small, first
+
+
+    def _inferred_ok(self, f: float, xs: Sequence[Any]) -> bool:
+        """Where the frontend infers shapes at another size without running (``shapes_at``:
+        ONNX), the window condition on those shapes, so that a refused size costs no run;
+        True for frontends without it (their recorded run decides)."""
+        shapes_at = getattr(self.reference.frontend, "shapes_at", None)
+        if shapes_at is None:
+            return True
+        shapes = shapes_at([tuple(as_numpy(x).shape) for x in xs])
+        bad = "(no inferred shapes)" if shapes is None else \
+            self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+        if bad is not None:
+            logger.debug("at 1/%g of the size a tap of %s reads no data (inferred shapes)", f, bad)
+            return False
+        return True
 
 
 def _first_line(exc: BaseException) -> str:

@@ -283,7 +283,9 @@ def test_deep_model_noise_sets_the_tolerance(deep_path: str, tmp_path, capsys) -
     data = json.load(open(report))
     check, between_passes = data["check"], data["passes"][0]["check"]
     assert RTOL_FLOOR < check["max_difference"] <= check["rtol"] <= RTOL_CAP, check  # exact, but above 1e-5
-    assert RTOL_FLOOR < between_passes["max_difference"] <= between_passes["rtol"] <= RTOL_CAP, between_passes
+    # between passes the check runs on the probes cropped to 2x2 (graphprune.probe_size), where this
+    # model's rounding stays below the floor; the written file is checked at the full size (above)
+    assert between_passes["max_difference"] <= between_passes["rtol"] <= RTOL_CAP, between_passes
     assert check["noise"] > RTOL_FLOOR and check["rtol"] == pytest.approx(measured_tolerance(check["noise"]))
     assert "model noise" in stdout
     # an explicit --rtol still wins: the fixed 1e-5 refuses the same exact rewrite

@@ -8,12 +8,17 @@ normalising (:mod:`.load`), shapes (:mod:`.shapes`), the view (:mod:`.classify`)
 
 :meth:`OnnxFrontend.commit` cleans up, sorts and re-infers shapes.  :meth:`OnnxFrontend.run`
 uses an onnxruntime CPU session with graph optimisations disabled, cached until the next
-edit.  A copy shares weight arrays with its original: edits replace arrays, never write
-into them.
+edit; it is built from the graph's structure with the weights handed over as arrays
+(:func:`~graphprune.frontends.onnx.run.session_model`, exported once per edit for every
+session).  Inputs of another size run in a session built for that size, where
+:meth:`OnnxFrontend.shapes_at` infers every shape first (the cropped check probes of
+:mod:`graphprune.probe_size`); a size that fails is remembered by every copy.  A copy
+shares weight arrays with its original: edits replace arrays, never write into them.
 """
 from __future__ import annotations
 
 import copy as _copy
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -26,13 +31,44 @@ from ...profile import stage
 from .classify import OpContext, build_view
 from .edit import OnnxEdits
 from .load import OnnxLoadError, fix_input_shapes, model_shell, name_nodes, normalise, read_model
-from .run import compared_constants, example_inputs, make_session, run_session
-from .save import export_model, model_for_save, save_model
-from .shapes import infer_shapes
+from .run import (
+    SessionModel, compared_constants, example_inputs, make_session, resized_model, run_session, session_model,
+)
+from .save import model_for_save, save_model
+from .shapes import infer_shapes, strict_shapes
 from .tensors import constant_node_value, fresh_name, is_default
 from ...gcpause import gc_paused
 
 __all__ = ["OnnxFrontend", "load_onnx"]
+
+InputShapes = tuple[tuple[int, ...], ...]  # one shape per graph input, in input order
+
+
+def _reshape_mismatch(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first ``Reshape`` whose inferred output has another element count than its
+    input (ONNX inference takes a constant target shape as given), if any."""
+    for node in graph.nodes:
+        if node.op != "Reshape" or len(node.inputs) < 2:
+            continue
+        src, out = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+        if src is not None and out is not None and math.prod(src) != math.prod(out):
+            return node.name
+    return None
+
+
+def _emptied(captured: Mapping[str, tuple[int, ...] | None], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first value that has elements at the captured size and none in ``shapes`` (a
+    constant slice past a cropped input's end), if any: nothing would be checked there."""
+    for name, shape in shapes.items():
+        before = captured.get(name)
+        if 0 in shape and before is not None and 0 not in before:
+            return name
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @gc_paused
@@ -56,6 +92,11 @@ class OnnxFrontend(OnnxEdits):
     """Reads and edits an ONNX model held as an onnx-graphsurgeon graph."""
 
     name = "onnx"
+    shape_polymorphic = True
+    """Runs at other input sizes too (:meth:`run`: a session per size, every other shape
+    inferred again) as far as the graph's constants allow: a size they fix (a target
+    shape, a Gemm after a flatten) fails there, and :meth:`shapes_at` finds most such
+    failures before anything runs."""
 
     def __init__(self, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], source: str = "<model>") -> None:
         self.source = source
@@ -71,6 +112,7 @@ class OnnxFrontend(OnnxEdits):
             raise OnnxLoadError(f"cannot import `{source}`: {exc}") from exc
         fix_input_shapes(self.graph, input_shapes, source)
         self._copies: dict[str, str] = {}  # constant copy name -> the name it was copied from
+        self._sizes_refused: set[InputShapes] = set()  # shared with copies: sizes this model family cannot run at
         name_nodes(self.graph)
         normalise(self.graph, self._copies)
         self._shapes: dict[str, tuple[int, ...] | None] = {}
@@ -83,6 +125,9 @@ class OnnxFrontend(OnnxEdits):
     def _reset_caches(self) -> None:
         self._session_cache: Any = None
         self._optimised_cache: Any = None
+        self._structure: SessionModel | None = None
+        self._resized: dict[InputShapes, onnx.ModelProto] = {}  # other input sizes -> structure
+        self._resized_sessions: dict[tuple[InputShapes, bool], Any] = {}  # (size, optimised) -> session
         self._refs: dict[str, gs.Constant | gs.Node] | None = None
         self._index: dict[str, gs.Node] = {}
         self._fused: dict[str, gs.Node] = {}  # linear view node (MatMul) -> the bias Add it absorbs
@@ -91,6 +136,9 @@ class OnnxFrontend(OnnxEdits):
     def _edited(self) -> None:
         self._session_cache = None
         self._optimised_cache = None
+        self._structure = None
+        self._resized = {}
+        self._resized_sessions = {}
         self._folded = {}
 
     def _ops(self) -> OpContext:
@@ -158,25 +206,95 @@ class OnnxFrontend(OnnxEdits):
         return self.copy()
 
     # --------------------------------------------------------------- running
+    def session_model(self) -> SessionModel:
+        """The current graph's structure and weights for onnxruntime (weights by reference,
+        :func:`~graphprune.frontends.onnx.run.session_model`), exported once per edit for
+        both sessions."""
+        if self._structure is None:
+            self._structure = session_model(self.graph, self._shell)
+        return self._structure
+
     def session(self) -> Any:
         """The cached onnxruntime session (graph optimisations off) of the current graph."""
         if self._session_cache is None:
             try:
-                self._session_cache = make_session(export_model(self.graph, self._shell))
+                self._session_cache = make_session(self.session_model())
             except Exception as exc:
                 raise OnnxLoadError(f"onnxruntime cannot run `{self.source}`: {str(exc).splitlines()[0]}") from exc
         return self._session_cache
 
     def run(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order."""
-        return run_session(self.session(), self.graph, inputs)
+        """Outputs (numpy) on ``inputs`` (numpy arrays or torch tensors), in input order.
+        Inputs of other sizes than the fixed ones run in a session built for their sizes
+        (:meth:`shapes_at`); a size the graph cannot run at raises :class:`OnnxLoadError`."""
+        return self._run(inputs, optimise=False)
 
     def run_optimised(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """Run with every onnxruntime graph optimisation on (``ORT_ENABLE_ALL``): against
         :meth:`run`, this shows the model's own float noise (:mod:`graphprune.verify`)."""
+        return self._run(inputs, optimise=True)
+
+    def _run(self, inputs: Sequence[Any], optimise: bool) -> list[np.ndarray]:
+        key = tuple(tuple(int(d) for d in np.shape(x)) for x in inputs)
+        fixed = tuple(self.input_shapes().values())
+        if key == fixed or len(key) != len(fixed):
+            return run_session(self._optimised_session() if optimise else self.session(), self.graph, inputs)
+        try:
+            return run_session(self._resized_session(key, optimise), self.graph, inputs)
+        except Exception as exc:
+            self._sizes_refused.add(key)
+            if isinstance(exc, OnnxLoadError):
+                raise
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)}: {_first_line(exc)}") from exc
+
+    def run_with_shapes(self, inputs: Sequence[Any], values: set[str]) -> tuple[list[np.ndarray], dict[str, tuple[int, ...]]]:
+        """:meth:`run`, and the shapes of the values named in ``values`` at these inputs'
+        sizes (:meth:`shapes_at`: inferred before running, so a size the graph cannot run
+        at is refused without a session).  Raises :class:`OnnxLoadError` when the graph
+        cannot run there or a shape in ``values`` cannot be inferred (a size that the
+        check's window condition could not confirm)."""
+        key = [tuple(int(d) for d in np.shape(x)) for x in inputs]
+        shapes = self.shapes_at(key) if tuple(key) != tuple(self.input_shapes().values()) else self._shapes
+        if shapes is None:
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {key}: shape inference refuses that size")
+        unknown = sorted(v for v in values if shapes.get(v) is None)
+        if unknown:
+            raise OnnxLoadError(f"`{self.source}` at input shapes {key}: the shape of `{unknown[0]}` is not inferred")
+        return self.run(inputs), {v: tuple(shapes[v]) for v in values}  # type: ignore[misc]
+
+    def shapes_at(self, input_shapes: Sequence[Sequence[int]]) -> dict[str, tuple[int, ...]] | None:
+        """Every value's shape when the graph inputs have ``input_shapes`` (in input
+        order), by strict ONNX shape inference on the structure alone; None when the graph
+        cannot run there (inference finds a size its constants fix, a value would be
+        empty there, or an earlier run of this model or a copy of it at that size failed)."""
+        key = tuple(tuple(int(d) for d in s) for s in input_shapes)
+        if key in self._sizes_refused:
+            return None
+        shapes = strict_shapes(self._resized_structure(key))
+        if shapes is None or _reshape_mismatch(self.graph, shapes) or _emptied(self._shapes, shapes):
+            self._sizes_refused.add(key)
+            return None
+        return shapes
+
+    def _resized_structure(self, key: InputShapes) -> onnx.ModelProto:
+        if key not in self._resized:
+            names = [t.name for t in self.graph.inputs if isinstance(t, gs.Variable)]
+            self._resized[key] = resized_model(self.session_model().model, dict(zip(names, key)))
+        return self._resized[key]
+
+    def _resized_session(self, key: InputShapes, optimise: bool) -> Any:
+        if key in self._sizes_refused:
+            raise OnnxLoadError(f"`{self.source}` cannot run at input shapes {list(key)} (it failed there before)")
+        session = self._resized_sessions.get((key, optimise))
+        if session is None:
+            structure = SessionModel(self._resized_structure(key), self.session_model().weights)
+            session = self._resized_sessions[key, optimise] = make_session(structure, optimise=optimise)
+        return session
+
+    def _optimised_session(self) -> Any:
         if self._optimised_cache is None:
-            self._optimised_cache = make_session(export_model(self.graph, self._shell), optimise=True)
-        return run_session(self._optimised_cache, self.graph, inputs)
+            self._optimised_cache = make_session(self.session_model(), optimise=True)
+        return self._optimised_cache
 
     def example_inputs(self) -> list[np.ndarray]:
         return list(self._inputs)

@@ -15,13 +15,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .load import static_dims
-from .run import make_session
+from .run import make_session, session_model
 from .save import export_model
 from .tensors import STRIP_NUMEL, np_dtype, value_info_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["infer_shapes"]
+__all__ = ["infer_shapes", "strict_shapes"]
 
 def infer_shapes(graph: gs.Graph, header: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str]]:
     """Shapes and dtypes of every value: ONNX shape inference, then onnxruntime for the rest."""
@@ -35,14 +35,7 @@ def infer_shapes(graph: gs.Graph, header: onnx.ModelProto) -> tuple[dict[str, tu
         except Exception as exc2:
             logger.warning("ONNX shape inference failed: %s", exc2)
             inferred = model
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    dtypes: dict[str, str] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        shape, dtype = value_info_shape(vi)
-        if shape is not None:
-            shapes[vi.name] = shape
-        if dtype:
-            dtypes[vi.name] = dtype
+    shapes, dtypes = _read_value_infos(inferred)
     for t in graph.inputs:
         if isinstance(t, gs.Variable) and static_dims(t.shape):
             shapes[t.name] = tuple(int(d) for d in t.shape)
@@ -51,6 +44,31 @@ def infer_shapes(graph: gs.Graph, header: onnx.ModelProto) -> tuple[dict[str, tu
         measured = _measure_shapes(graph, header, missing)
         shapes.update({k: v[0] for k, v in measured.items()})
         dtypes.update({k: v[1] for k, v in measured.items()})
+    return shapes, dtypes
+
+
+def strict_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
+    """Every value's fixed shape by strict ONNX shape inference (with data propagation)
+    on ``model`` (a structure: large initializers need dims and type only); None when
+    inference finds an inconsistency (a target shape that no longer fits its input)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        logger.debug("strict shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+    return {k: v for k, v in _read_value_infos(inferred)[0].items() if v is not None}
+
+
+def _read_value_infos(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str]]:
+    """Fixed shapes and dtypes recorded in ``model``'s value infos, inputs and outputs."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    dtypes: dict[str, str] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        shape, dtype = value_info_shape(vi)
+        if shape is not None:
+            shapes[vi.name] = shape
+        if dtype:
+            dtypes[vi.name] = dtype
     return shapes, dtypes
 
 
@@ -66,13 +84,14 @@ def _produced_variables(graph: gs.Graph) -> list[str]:
 
 def _measure_shapes(graph: gs.Graph, header: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run onnxruntime with ``names`` exposed as outputs and read their shapes."""
-    model = export_model(graph, header)
+    structure = session_model(graph, header)
+    model = structure.model
     known = {o.name for o in model.graph.output}
     for name in names:
         if name not in known:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        sess = make_session(model)
+        sess = make_session(structure)
         feeds = {}
         for t in graph.inputs:
             if isinstance(t, gs.Variable):

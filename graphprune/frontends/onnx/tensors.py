@@ -144,9 +144,12 @@ def value_info_shape(vi: onnx.ValueInfoProto) -> tuple[tuple[int, ...] | None, s
 
 
 def proto_nbytes(model: onnx.ModelProto) -> int:
-    """Roughly the serialized size of ``model``: its initializers' data, from dims and type."""
+    """Roughly the serialized size of ``model``: its embedded initializers' data, from
+    dims and type (external data does not count)."""
     total = 0
     for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
         with contextlib.suppress(Exception):
             total += math.prod(init.dims) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     return total
