@@ -8,7 +8,7 @@ TorchScript exporter, BatchNorm folded into the convs as the default eval export
   projected reference) and without it (``verify=False``);
 * onnxsim: ``onnxsim.pruning.apply_structured_pruning(path, sparsity=S)`` -> save (no check).
 
-Times are medians of ``--repeat`` runs, the tools alternating.  Columns: wall time, the
+Times are medians of ``--repeat`` runs after one untimed warm-up run of each tool, the tools alternating.  Columns: wall time, the
 ratio onnxsim time / graphprune time (with graphprune's check), MACs and parameters after (fraction of the original, both priced by
 graphprune's cost model on the written files), whether onnxruntime runs the written file,
 and whether its outputs match the *projected reference* (the original model with the
@@ -210,15 +210,13 @@ def main() -> None:
             export(name, args.size, src)
             base = gp.graph_cost(load_onnx(src))
             gp_dst, sim_dst = os.path.join(folder, f"{name}-gp.onnx"), os.path.join(folder, f"{name}-sim.onnx")
-            gp_out = run_graphprune(src, gp_dst, args.sparsity, base)  # also the warm-up
+            gp_out = run_graphprune(src, gp_dst, args.sparsity, base)  # the warm-up (not timed)
             sim_out = run_onnxsim(src, sim_dst, args.sparsity, base)
-            checked, unchecked, sim = [gp_out.seconds], [], [sim_out.seconds]
-            for _ in range(args.repeat - 1 if args.repeat > 1 else 0):  # alternating
+            checked, unchecked, sim = [], [], []
+            for _ in range(args.repeat):  # alternating
                 checked.append(time_graphprune(src, gp_dst, args.sparsity, verify=True)[0])
                 unchecked.append(time_graphprune(src, gp_dst, args.sparsity, verify=False)[0])
-                if sim_out.runs:
-                    sim.append(time_onnxsim(src, sim_dst, args.sparsity))
-            unchecked.append(time_graphprune(src, gp_dst, args.sparsity, verify=False)[0])
+                sim.append(time_onnxsim(src, sim_dst, args.sparsity) if sim_out.runs else sim_out.seconds)
             t_gp, t_free, t_sim = statistics.median(checked), statistics.median(unchecked), statistics.median(sim)
             ok = sim_out.macs == sim_out.macs  # onnxsim produced a file
             if ok:
@@ -233,7 +231,7 @@ def main() -> None:
         rows.append((f"geometric mean ({len(ratios)})", "", "", "", f"{statistics.geometric_mean(ratios):.2f}x",
                      f"{statistics.geometric_mean(ratios_unchecked):.2f}x", "", "", "", ""))
     print(f"\nsparsity {args.sparsity} (graphprune ratio / onnxsim sparsity), input 1x3x{args.size}x{args.size}, "
-          f"1 thread, median of {args.repeat}, MACs as a fraction of the original\n")
+          f"1 thread, median of {args.repeat} after a warm-up, MACs as a fraction of the original\n")
     print(format_table(rows, ("model", "gp s (checked)", "gp s (no check)", "onnxsim s", "sim/gp checked",
                               "sim/gp no check", "gp MACs after", "sim MACs after", "gp matches reference",
                               "onnxsim matches reference")))

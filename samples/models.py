@@ -72,8 +72,9 @@ class SampleNet(nn.Module):
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every weight, norm statistic and zero-initialised tensor random values, so a
-    comparison cannot pass because something is trivially zero or identity."""
+    """Give every weight, norm statistic, zero-initialised and constant-filled tensor random
+    values, so a comparison cannot pass because something is trivially zero, identity or
+    scaled down to nothing."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in model.modules():
@@ -87,6 +88,10 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
+                # a constant scale (ConvNeXt's layer scale starts at 1e-6 everywhere): O(1) and
+                # varied, or its branch is too small for a wrong rewrite there to show
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
     return model
 
 

@@ -78,3 +78,22 @@ def test_with_weights_shares_structure_until_a_structural_edit() -> None:
         assert other.frontend.gm.graph is not graph.frontend.gm.graph
         assert [n.name for n in graph.nodes] == nodes_before
         assert_rel_close(graph.run(sample_input())[0], out)
+
+
+def test_randomize_gives_constant_scales_varied_values_so_branches_count() -> None:
+    """ConvNeXt's layer scale starts at 1e-6 everywhere: a wrong rewrite in its branches
+    would change the output by ~1e-6 relative, under the check's tolerance."""
+    from graphprune.samples.models import randomize_
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.layer_scale = torch.nn.Parameter(torch.full((3, 1, 1), 1e-6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.layer_scale * self.conv(x)
+
+    model = randomize_(Scaled())
+    scale = model.layer_scale.detach().flatten()
+    assert float(scale.min()) >= 0.5 and len(set(scale.tolist())) == 3
