@@ -29,7 +29,7 @@ test-zoo: $(STAMP)
 # plus pytest, then the tests marked `notorch` (in the modules that import no torch).
 # Run from tests/, so graphprune comes from the installed package.  Not part of `make test`.
 NOTORCH_VENV  ?= /tmp/gp-notorch-test
-NOTORCH_TESTS := test_notorch.py test_blockperm.py test_layout.py test_onnx_sessions.py
+NOTORCH_TESTS := test_notorch.py test_blockperm.py test_layout.py test_onnx_sessions.py test_onnx_with_weights.py
 test-notorch:
 	rm -rf $(NOTORCH_VENV)
 	$(PYTHON) -m venv $(NOTORCH_VENV)

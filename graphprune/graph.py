@@ -290,17 +290,20 @@ class Graph:
         """This graph with the parameters in ``params`` (key -> numpy array or tensor)
         replaced, e.g. the projected reference.  Where the frontend can
         (``with_weights``), the copy shares this graph's structure and view: nothing is
-        re-read or recompiled, and only the replaced tensors are new.  The first
+        re-read or recompiled, and only the replaced tensors are new (a frontend's
+        ``with_weights`` may return None: then this is a full copy).  The first
         structural edit on it makes its structure its own (a full :meth:`copy`)."""
         make = getattr(self.frontend, "with_weights", None)
-        if make is None:
+        with stage("copies"):
+            frontend = make({key: as_numpy(value) for key, value in params.items()}) if make is not None else None
+        if frontend is None:  # the frontend cannot share: a full copy
             out = self.copy()
             for key, value in params.items():
                 out.set_param(key, value)
             return out
         with stage("copies"):
             out = Graph.__new__(Graph)
-            out.frontend = make({key: as_numpy(value) for key, value in params.items()})
+            out.frontend = frontend
             out._emitted = type(self._emitted)()
             out.__dict__.update({k: getattr(self, k) for k in _VIEW_FIELDS})
             out._shared_structure = True

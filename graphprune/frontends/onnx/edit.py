@@ -40,6 +40,7 @@ class OnnxEdits:
 
     if TYPE_CHECKING:  # provided by the frontend
         def _edited(self) -> None: ...
+        def _own_graph(self) -> None: ...
         def _ops(self) -> OpContext: ...
         def _refs_map(self) -> dict[str, gs.Constant | gs.Node]: ...
         def _fresh_tensor_name(self, base: str) -> str: ...
@@ -47,6 +48,7 @@ class OnnxEdits:
 
     # ------------------------------------------------------------ parameters
     def set_param(self, key: str, value: np.ndarray) -> None:
+        self._own_graph()
         ref = self._refs_map().get(key)
         if ref is None:
             raise GraphError(f"no constant named `{key}` in the ONNX graph")
@@ -68,6 +70,7 @@ class OnnxEdits:
         return found
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
+        self._own_graph()
         n = self._gs_node(node)
         setter = SETTERS.get((n.op, key))
         if setter is None:
@@ -87,6 +90,7 @@ class OnnxEdits:
     def replace_node(self, node: Node, new: Sequence[NewNode]) -> None:
         """Replace ``node`` by ``new`` (kinds ``conv``, ``linear``); the last new node's output
         keeps the replaced node's output name."""
+        self._own_graph()
         old = self._gs_node(node)
         if not new:
             raise GraphError(f"replace_node({node}): no new nodes")
@@ -159,6 +163,7 @@ class OnnxEdits:
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         """``Gather(value, index, axis)`` feeding only ``consumers``."""
+        self._own_graph()
         src = self.graph.tensors().get(value)
         if src is None:
             raise GraphError(f"insert_gather: no value named `{value}`")

@@ -170,6 +170,9 @@ class OnnxFrontend(OnnxEdits):
         return self._refs
 
     def get_param(self, key: str) -> np.ndarray:
+        overrides = self.__dict__.get("_overrides")
+        if overrides is not None and key in overrides:
+            return overrides[key]
         ref = self._refs_map().get(key)
         if ref is None:
             raise GraphError(f"no constant named `{key}` in the ONNX graph")
@@ -186,6 +189,7 @@ class OnnxFrontend(OnnxEdits):
         return view
 
     def commit(self) -> None:
+        self._own_graph()
         self._sync_kernel_shapes()
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._reset_caches()
@@ -195,12 +199,49 @@ class OnnxFrontend(OnnxEdits):
     def copy(self) -> "OnnxFrontend":
         other = OnnxFrontend.__new__(OnnxFrontend)
         other.__dict__.update(self.__dict__)
+        overrides = other.__dict__.pop("_overrides", None)
         other.graph = self.graph.copy()
         other._shapes = dict(self._shapes)
         other._dtypes = dict(self._dtypes)
         other._copies = dict(self._copies)
         other._reset_caches()
+        for key, value in (overrides or {}).items():
+            other.set_param(key, value)
         return other
+
+    def with_weights(self, params: Mapping[str, np.ndarray]) -> "OnnxFrontend | None":
+        """A frontend that shares this one's graph and exported structure, with the
+        parameters in ``params`` replaced in what onnxruntime is handed (and in
+        :meth:`get_param`); None when one of them is embedded in the structure (a small
+        constant), and the caller copies instead.  Its first edit or save makes the
+        graph its own (:meth:`_own_graph`)."""
+        base = self.session_model()
+        refs = self._refs_map()
+        if not params or any(not isinstance(refs.get(k), gs.Constant) for k in params):
+            return None
+        arrays = {k: np.ascontiguousarray(np.asarray(v).astype(refs[k].values.dtype, copy=False))  # type: ignore[union-attr]
+                  for k, v in params.items()}
+        model = _with_initializers(base.model, {k: a for k, a in arrays.items() if k not in base.weights})
+        if model is None:
+            return None
+        other = OnnxFrontend.__new__(OnnxFrontend)
+        other.__dict__.update(self.__dict__)
+        other._edited()  # sessions and folded constants of its own
+        other._structure = SessionModel(model, {**base.weights, **{k: a for k, a in arrays.items() if k in base.weights}})
+        other._overrides = arrays
+        return other
+
+    def _own_graph(self) -> None:
+        """Before an edit or a save of a :meth:`with_weights` frontend: the shared graph
+        copied, with the replaced weights written into it."""
+        overrides = self.__dict__.pop("_overrides", None)
+        if overrides is None:
+            return
+        own = self.copy()
+        self.__dict__.update(own.__dict__)
+        self.view()  # the view's node index and fused biases, on the own graph
+        for key, value in overrides.items():
+            self.set_param(key, value)
 
     def __deepcopy__(self, memo: dict) -> "OnnxFrontend":
         return self.copy()
@@ -311,6 +352,7 @@ class OnnxFrontend(OnnxEdits):
     # ---------------------------------------------------------------- saving
     def to_model(self) -> onnx.ModelProto:
         """The model to save: symbolic input/output dims restored, no stale value_info."""
+        self._own_graph()
         return model_for_save(self.graph, self._shell, self._copies, self._dtypes, self._io_protos, self._node_docs)
 
     def to_onnx(self, path: str | os.PathLike, external_data: bool | None = None, **_: Any) -> None:
@@ -319,3 +361,18 @@ class OnnxFrontend(OnnxEdits):
         save_model(self.to_model(), path, external_data=external_data, protect=[self.source])
 
     save_onnx = to_onnx
+
+
+def _with_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto | None:
+    """``model`` (itself when ``arrays`` is empty, else a copy) with the embedded top-level
+    initializers named in ``arrays`` replaced; None when one of them is not one."""
+    if not arrays:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = {t.name: t for t in out.graph.initializer}
+    for name, array in arrays.items():
+        if name not in index or index[name].data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        index[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return out
