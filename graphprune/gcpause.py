@@ -18,6 +18,10 @@ from typing import Any, Callable, TypeVar
 
 __all__ = ["gc_paused"]
 
+ENABLED = True
+"""Set to False to run the entry points with collection as the caller left it
+(``benchmarks/gc_pause.py`` measures both)."""
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -26,7 +30,7 @@ def gc_paused(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not gc.isenabled():
+        if not ENABLED or not gc.isenabled():
             return fn(*args, **kwargs)
         gc.disable()
         try:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import probe_size
 from .arrays import as_numpy
 from .graph import Graph
 from .errors import VerificationError
@@ -178,17 +179,16 @@ SMALL_ATTEMPTS = 5
 def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[float, list[list[Any]]] | None:
     """The error on the samples cropped by the largest factor found at which the
     reference's recorded conv sizes meet the window condition (:mod:`graphprune.probe_size`),
-    with the samples it ran (one batch, or the cropped probes), or None when nothing crops, the frontend cannot run or record at another size, or
-    no tried factor qualifies (then the caller checks at the captured size).
+    with the samples it ran (one batch, or the cropped probes); None when nothing crops,
+    the frontend cannot run or record at another size, or no tried factor qualifies
+    (then the caller checks at the captured size).
 
     The largest candidate factor is tried first; when the recorded sizes refuse it (or
     the model cannot run there), a bisection over the smaller candidates follows, at most
     :data:`SMALL_ATTEMPTS` reference runs in all, each no larger than the one accepted.
     The probes run as one batch (their inputs concatenated on the batch axis: one
     forward of each graph instead of one per probe) unless the model refuses that."""
-    from .probe_size import candidate_factors
-
-    factors = candidate_factors(reference)
+    factors = probe_size.candidate_factors(reference)
     if not hasattr(reference.frontend, "run_with_shapes") or not getattr(reference.frontend, "shape_polymorphic", False) \
             or not factors:
         return None
@@ -222,19 +222,16 @@ class _CropSearch:
     compare against, or None."""
 
     def __init__(self, reference: Graph, samples: Samples) -> None:
-        from . import probe_size
-
-        self.sizes = probe_size
         self.reference = reference
         self.samples = samples
         self.watched = probe_size.window_values(reference)
         self.stack = len(samples) > 1  # until the model refuses one batch
 
     def attempt(self, f: float) -> tuple[list[list[Any]], list[Any]] | None:
-        small = self.sizes.crop(self.samples, f)
+        small = probe_size.crop(self.samples, f)
         if small is None:
             return None
-        batch = self.sizes.stacked(small) if self.stack else None
+        batch = probe_size.stacked(small) if self.stack else None
         if batch is not None:
             try:
                 return self._accepted(f, [batch])
@@ -254,12 +251,11 @@ class _CropSearch:
         if not self._inferred_ok(f, small[0]):
             return None
         first, shapes = self.reference.frontend.run_with_shapes(small[0], self.watched)
-        bad = self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+        bad = probe_size.violated_window(self.reference, probe_size.recorded_size_of(shapes))
         if bad is not None:
             logger.debug("at 1/%g of the size a tap of %s reads no data", f, bad)
             return None
         return small, first
-
 
     def _inferred_ok(self, f: float, xs: Sequence[Any]) -> bool:
         """Where the frontend infers shapes at another size without running (``shapes_at``:
@@ -270,7 +266,7 @@ class _CropSearch:
             return True
         shapes = shapes_at([tuple(as_numpy(x).shape) for x in xs])
         bad = "(no inferred shapes)" if shapes is None else \
-            self.sizes.violated_window(self.reference, self.sizes.recorded_size_of(shapes))
+            probe_size.violated_window(self.reference, probe_size.recorded_size_of(shapes))
         if bad is not None:
             logger.debug("at 1/%g of the size a tap of %s reads no data (inferred shapes)", f, bad)
             return False

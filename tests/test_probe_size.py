@@ -3,6 +3,9 @@ conv, a wrong weight under any tap is still caught at the smaller size, and grap
 fix a size are checked at the captured size."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -111,11 +114,8 @@ def test_recorded_sizes_overrule_an_optimistic_estimate() -> None:
                                            window_values(graph))[1]
     assert violated_window(graph, lambda v: shapes.get(v)).label == "c2"
     result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
-    seen = _recording_runs(graph)
-    try:
+    with recorded_runs(graph) as seen:
         assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
-    finally:
-        _stop_recording(graph)
     # 1/6 (7 px) is refused on its recorded sizes; bisection over 5, 4, 3.5, 3, 2.5, ...:
     # 1/2.5 (16 px) passes, 1/4 (10 px: c1 gives 2) passes, 1/5 (8 px) is refused; the
     # check runs at 10 px
@@ -124,8 +124,9 @@ def test_recorded_sizes_overrule_an_optimistic_estimate() -> None:
     assert not check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True).passed
 
 
-def _recording_runs(graph: gp.Graph) -> list[tuple[int, ...]]:
-    """Record the input shape of every run of ``graph``'s frontend class (both graphs)."""
+@contextlib.contextmanager
+def recorded_runs(graph: gp.Graph) -> Iterator[list[tuple[int, ...]]]:
+    """The input shape of every run of ``graph``'s frontend class (both graphs) inside the block."""
     seen: list[tuple[int, ...]] = []
     cls = graph.frontend.__class__
     run, record = cls.run, cls.run_with_shapes
@@ -138,15 +139,11 @@ def _recording_runs(graph: gp.Graph) -> list[tuple[int, ...]]:
         seen.append(tuple(inputs[0].shape))
         return record(self, inputs, values)
 
-    cls._saved = (run, record)
     cls.run, cls.run_with_shapes = recording, recording_shapes
-    return seen
-
-
-def _stop_recording(graph: gp.Graph) -> None:
-    cls = graph.frontend.__class__
-    cls.run, cls.run_with_shapes = cls._saved
-    del cls._saved
+    try:
+        yield seen
+    finally:
+        cls.run, cls.run_with_shapes = run, record
 
 
 def _corrupt_outer_tap(result: gp.PassResult, layer: str) -> None:
@@ -188,15 +185,12 @@ def test_export_graphs_are_not_shrunk() -> None:
 
 def test_pipeline_verifies_on_small_probes_by_default() -> None:
     graph = _graph(Strided(), 24)
-    seen = _recording_runs(graph)
-    try:
+    with recorded_runs(graph) as seen:
         gp.run(graph, "prune-channels{ratio=0.5}")
         assert seen and all(s[2:] == (5, 5) for s in seen), seen
         seen.clear()
         gp.run(graph, "prune-channels{ratio=0.5}", small_probes=False, probes=1)
         assert len(seen) == 2 and all(s[2:] == (24, 24) for s in seen), seen
-    finally:
-        _stop_recording(graph)
 
 
 def test_probe_count_is_an_option() -> None:
@@ -223,21 +217,15 @@ class BatchOne(nn.Module):
 def test_probes_run_as_one_batch_unless_the_model_refuses() -> None:
     graph = _graph(Strided(), 24)
     result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
-    seen = _recording_runs(graph)
-    try:
+    with recorded_runs(graph) as seen:
         assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=3).passed
-    finally:
-        _stop_recording(graph)
     assert seen == [(6, 3, 5, 5), (6, 3, 5, 5)]  # 3 probes of batch 2: one reference and one rewritten run
 
     torch.manual_seed(0)
     graph = gp.trace(randomize_(BatchOne()).eval(), torch.randn(1, 3, 24, 24), capture="fx")
     result = gp.get_pass("prune-channels")(ratio=0.5)(graph)
-    seen = _recording_runs(graph)
-    try:
+    with recorded_runs(graph) as seen:
         assert check_exact(result.graph, result.reference(), rtol=1e-5, shrink=True, n=2).passed
-    finally:
-        _stop_recording(graph)
     # the batch of 2 is refused, the same size one by one is accepted: 2 reference + 2 rewritten runs
     assert seen[0] == (2, 3, 5, 5) and seen[1:] == [(1, 3, 5, 5)] * 4, seen
     _corrupt_outer_tap(result, "body.c4")
