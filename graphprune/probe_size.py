@@ -33,6 +33,7 @@ User-given check inputs are never shrunk.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -84,10 +85,19 @@ def _node_ok(node: Node, size: Sequence[int], out: Sequence[int] | None, full: S
     from the window formula): every tap that reads data at the captured sizes ``full``
     (``full_out``) still does.  A transposed conv needs an input one dilated kernel wide
     (or as wide as the captured one)."""
-    kernel, stride, dilation, begin, end = _window(node, len(size))
+    return _window_ok(node.kind, _window(node, len(size)), tuple(size), None if out is None else tuple(out),
+                      tuple(full), None if full_out is None else tuple(full_out))
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_ok(kind: str, window: tuple[tuple[int, ...], ...], size: tuple[int, ...], out: tuple[int, ...] | None,
+               full: tuple[int, ...], full_out: tuple[int, ...] | None) -> bool:
+    """:func:`_node_ok` on plain values (convs of a network share a few windows and sizes,
+    so the answers are cached)."""
+    kernel, stride, dilation, begin, end = window
     for axis, s in enumerate(size):
         k, st, d, pb, pe = kernel[axis], stride[axis], dilation[axis], begin[axis], end[axis]
-        if node.kind == "conv_transpose":
+        if kind == "conv_transpose":
             if s < min(d * (k - 1) + 1, full[axis]):
                 return False
             continue
