@@ -184,6 +184,7 @@ class ExportFrontend(FxFrontend):
         n = self._fx_node(node)
         if not is_aten(n):
             return super().set_attr(node, key, value)
+        self._graph_edited = True  # aten attributes are node arguments
         name = packet_name(n)
         if name in ("conv1d", "conv2d", "conv3d") and key in ("groups", "stride", "dilation", "pads"):
             self._set_conv(n, node, key, value)
@@ -263,6 +264,7 @@ class ExportFrontend(FxFrontend):
         """Replace a conv/linear by aten conv/linear nodes with new weights (see module doc)."""
         if not new:
             raise GraphError(f"{node}: replace_node needs at least one new node")
+        self._graph_edited = True
         old = self._fx_node(node)
         base = node.params["weight"].rpartition(".")[0] if "weight" in node.params else node.name
         reuse = len(new) == 1
@@ -340,23 +342,27 @@ class ExportFrontend(FxFrontend):
     # ---------------------------------------------------------------- copying
     def copy(self) -> "ExportFrontend":
         root = _shallow_tree(self.gm)
-        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
+        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True,
+                           code_of=None if self._graph_edited else self.gm)
         return ExportFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
     def commit(self, resized: Mapping[Any, int] | None = None) -> None:
-        _remove_dead_aten(self.gm.graph)
+        self._graph_edited |= _remove_dead_aten(self.gm.graph)
         super().commit(resized)
 
 
-def _remove_dead_aten(graph: fx.Graph) -> None:
+def _remove_dead_aten(graph: fx.Graph) -> bool:
     """Erase unused aten nodes whose schema writes no argument (fx keeps random ops such
-    as an eval-mode ``dropout`` alive, and with them the layers they read)."""
+    as an eval-mode ``dropout`` alive, and with them the layers they read); True if any was."""
+    erased = False
     for n in reversed(list(graph.nodes)):
         if n.users or not is_aten(n):
             continue
         schema = n.target._schema  # type: ignore[union-attr]
         if not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
             graph.erase_node(n)
+            erased = True
+    return erased
 
 
 def _clean_path(path: str) -> str:

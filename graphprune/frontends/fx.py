@@ -185,6 +185,7 @@ class FxFrontend:
     ) -> None:
         self.gm = gm
         self.edits: list[Edit] = list(edits or [])  # structural edits, for graphprune.apply
+        self._graph_edited = False  # the fx graph changed since its code was generated
         self._inputs = inputs
         self.original_training = original_training
         if propagate:
@@ -403,25 +404,9 @@ class FxFrontend:
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
         n = self._fx_node(node)
+        self._graph_edited |= n.op != "call_module"  # a module's attributes are not in the code
         if n.op == "call_module":
-            mod = self.gm.get_submodule(str(n.target))
-            if key == "groups":
-                mod.groups = int(value)
-            elif key == "num_groups":
-                mod.num_groups = int(value)
-            elif key in ("stride", "dilation"):
-                setattr(mod, key, tuple(int(v) for v in value))
-            elif key == "pads":
-                nd = len(value) // 2
-                begin, end = tuple(value[:nd]), tuple(value[nd:])
-                if begin != end:
-                    raise GraphError(f"{node}: asymmetric pads {tuple(value)} need an explicit pad op")
-                mod.padding = tuple(int(v) for v in begin)
-                mod.padding_mode = mod.padding_mode
-                mod._reversed_padding_repeated_twice = [int(p) for p in reversed(begin) for _ in range(2)]
-            else:
-                raise GraphError(f"cannot set `{key}` on {node}")
-            return
+            return _set_module_attr(self.gm.get_submodule(str(n.target)), node, key, value)
         if key == "sizes" and node.kind == "split":
             x = n.args[0]
             axis = node.attrs["axis"]
@@ -444,6 +429,7 @@ class FxFrontend:
         from .fx_build import replace_with_new_nodes
 
         self.__dict__.pop("_module_cache", None)
+        self._graph_edited = True
         old = self._fx_node(node)
         old_path = str(old.target) if old.op == "call_module" else ""
         paths = replace_with_new_nodes(self, node, new)
@@ -456,6 +442,7 @@ class FxFrontend:
 
     def insert_gather(self, value: str, axis: int, index: Sequence[int], consumers: Sequence[Node]) -> None:
         src = next(n for n in self.gm.graph.nodes if n.name == value)
+        self._graph_edited = True
         holder = _GatherIndex(index)
         n = len([m for m in self.gm.modules() if isinstance(m, _GatherIndex)])
         while hasattr(self.gm, f"gp_gather_{n}"):  # dead gathers' modules are deleted at commit
@@ -479,10 +466,12 @@ class FxFrontend:
         self.__dict__.pop("_module_cache", None)
         for mod in self.gm.modules():
             _sync_module_metadata(mod)
-        self.gm.graph.eliminate_dead_code()
-        self.gm.delete_all_unused_submodules()  # modules of nodes that became dead
-        self.gm.graph.lint()
-        self.gm.recompile()
+        if self._graph_edited:  # else the code (shared with the graph copied from) still holds
+            self.gm.graph.eliminate_dead_code()
+            self.gm.delete_all_unused_submodules()  # modules of nodes that became dead
+            self.gm.graph.lint()
+            self.gm.recompile()
+            self._graph_edited = False
         if resized is None or not self._patch_shapes(resized):
             self._propagate()
 
@@ -507,7 +496,8 @@ class FxFrontend:
         """A copy whose module tree is new and whose tensors are shared until edited
         (edits replace tensors, never write into them); shapes carry over."""
         root = _shallow_tree(self.gm)
-        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True)
+        gm = _graph_module(root, self.gm.graph, self.gm.__class__.__name__, lazy=True,
+                           code_of=None if self._graph_edited else self.gm)
         return FxFrontend(gm, self._inputs, self.original_training, propagate=False, edits=self.edits)
 
     def with_weights(self, params: Mapping[str, np.ndarray | torch.Tensor]) -> "FxFrontend":
@@ -748,19 +738,46 @@ class _GatherIndex(nn.Module):
 
 
 # ------------------------------------------------------------------- helpers
-def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx.GraphModule:
+def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool,
+                  code_of: fx.GraphModule | None = None) -> fx.GraphModule:
     """A GraphModule over a copy of ``graph`` (node metadata kept).  ``lazy`` defers code
-    generation to the first call, so copies that are edited and committed compile once."""
+    generation to the first call, so copies that are edited and committed compile once;
+    ``code_of`` (a module whose code was generated from ``graph`` as it is) lends its
+    compiled forward instead (:func:`_share_code`)."""
     new = fx.Graph()
-    new.output(new.graph_copy(graph, {}))
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    new.output(new.graph_copy(graph, {}), type_expr=output.type)  # the annotation is in the code
     if lazy:
         try:
             from torch.fx._lazy_graph_module import _use_lazy_graph_module
         except ImportError:  # older torch: compile eagerly
             return fx.GraphModule(root, new, name)
         with _use_lazy_graph_module(True):
-            return fx.GraphModule(root, new, name)
+            gm = fx.GraphModule(root, new, name)
+        if code_of is not None:
+            _share_code(gm, code_of)
+        return gm
     return fx.GraphModule(root, new, name)
+
+
+_CODE_FIELDS = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+
+
+def _share_code(gm: fx.GraphModule, source: fx.GraphModule) -> bool:
+    """Give the lazy ``gm``, whose graph is a fresh copy of ``source``'s, ``source``'s
+    compiled ``forward``: the same nodes under the same names generate the same code, so
+    it is neither generated nor compiled again.  The forward is set on ``gm``'s own class,
+    so a later ``recompile`` of ``gm`` (after an edit) never reaches ``source``.  False
+    (nothing shared) when ``source`` has no current code or a different code generator."""
+    forward = type(source).__dict__.get("forward")
+    if forward is None or getattr(forward, "__name__", "") == "_lazy_forward" or "_code" not in source.__dict__ \
+            or type(gm.graph._codegen) is not type(source.graph._codegen):
+        return False
+    for field in _CODE_FIELDS:
+        if field in source.__dict__:
+            gm.__dict__[field] = source.__dict__[field]
+    type(gm).forward = forward
+    return True
 
 
 def _ensure_eval(gm: nn.Module) -> None:
@@ -844,6 +861,25 @@ def _conv_pads(mod: nn.modules.conv._ConvNd) -> tuple[int, ...]:
         total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]  # "same", stride 1
         return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
     return tuple(mod.padding) * 2
+
+
+def _set_module_attr(mod: nn.Module, node: Node, key: str, value: Any) -> None:
+    """Set a conv's or group norm's ``groups``/``num_groups``/``stride``/``dilation``/``pads``."""
+    if key == "groups":
+        mod.groups = int(value)
+    elif key == "num_groups":
+        mod.num_groups = int(value)
+    elif key in ("stride", "dilation"):
+        setattr(mod, key, tuple(int(v) for v in value))
+    elif key == "pads":
+        nd = len(value) // 2
+        begin, end = tuple(value[:nd]), tuple(value[nd:])
+        if begin != end:
+            raise GraphError(f"{node}: asymmetric pads {tuple(value)} need an explicit pad op")
+        mod.padding = tuple(int(v) for v in begin)
+        mod._reversed_padding_repeated_twice = [int(p) for p in reversed(begin) for _ in range(2)]
+    else:
+        raise GraphError(f"cannot set `{key}` on {node}")
 
 
 def _set_getitem_range(n: fx.Node, ranges: Mapping[int, tuple[int, int]]) -> None:

@@ -1,0 +1,72 @@
+"""A pass's copy of an fx/export graph borrows the compiled forward of the graph it was
+copied from until its own graph changes; the code it runs must always be the code of
+its graph (a stale forward would compute the unedited graph)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.samples.models import randomize_, sample_input, sample_net
+from helpers import assert_rel_close
+
+CAPTURES = ("fx", "export")
+
+
+class ChannelView(nn.Module):
+    """A size literal (8 channels) in a ``view``: pruning ``c2`` edits a node argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(y.view(y.size(0), 8, -1).mean(-1))
+
+
+def _code_is_current(graph: gp.Graph) -> None:
+    gm = graph.frontend.gm
+    assert gm.code == gm.graph.python_code("self").src
+
+
+def _borrowed(result: gp.Graph, source: gp.Graph) -> bool:
+    return type(result.frontend.gm).forward is type(source.frontend.gm).forward
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("pipeline", [
+    "prune-channels{ratio=0.5}", "group-convs{groups=2}", "factorize{macs=0.6}", "shrink-kernels{macs=0.8}",
+    "prune-channels{ratio=0.3},factorize{energy=0.9}",
+])
+def test_every_pass_result_runs_the_code_of_its_own_graph(capture: str, pipeline: str) -> None:
+    graph = gp.trace(sample_net(), sample_input(), capture=capture)
+    before = graph.frontend.gm.code
+    out = gp.run(graph, pipeline)
+    for r in out.results:
+        _code_is_current(r.graph)
+    assert graph.frontend.gm.code == before  # the copy's recompile never reached the input's class
+    _code_is_current(graph)
+    x = sample_input(seed=3)
+    assert_rel_close(out.graph.run(x), out.results[-1].reference().run(x))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_channel_pruning_borrows_the_code_and_a_size_literal_edit_does_not(capture: str) -> None:
+    graph = gp.trace(randomize_(sample_net()), sample_input(), capture=capture)
+    graph.run(sample_input())  # the input graph has compiled code
+    pruned = gp.run(graph, "prune-channels{ratio=0.5}").graph
+    if capture == "fx":  # module attributes only: the same code (export edits conv nodes' arguments)
+        assert _borrowed(pruned, graph)
+    torch.manual_seed(0)
+    literal = gp.trace(randomize_(ChannelView()).eval(), torch.randn(2, 3, 8, 8), capture=capture)
+    literal.run(torch.randn(2, 3, 8, 8))
+    out = gp.run(literal, "prune-channels{ratio=0.5}")
+    assert out.graph.param("fc.weight").shape == (5, 4)  # the view's 8 became 4
+    assert not _borrowed(out.graph, literal)
+    _code_is_current(out.graph)
+    x = torch.randn(2, 3, 8, 8)  # export fixes the batch size
+    assert_rel_close(out.graph.run(x), out.results[0].reference().run(x))
