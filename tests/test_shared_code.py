@@ -70,3 +70,42 @@ def test_channel_pruning_borrows_the_code_and_a_size_literal_edit_does_not(captu
     _code_is_current(out.graph)
     x = torch.randn(2, 3, 8, 8)  # export fixes the batch size
     assert_rel_close(out.graph.run(x), out.results[0].reference().run(x))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_to_module_is_a_plain_graph_module_with_its_graphs_code(capture: str) -> None:
+    import copy
+    import pickle
+
+    import torch.fx as fx
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    graph = gp.trace(randomize_(sample_net()), sample_input(), capture=capture)
+    result = gp.run(graph, "prune-channels{ratio=0.5}").graph
+    module = result.to_module()
+    assert isinstance(module, fx.GraphModule) and not isinstance(module, _LazyGraphModule)
+    assert type(module).__name__ == type(graph.frontend.gm).__name__
+    assert module.code == module.graph.python_code("self").src
+    assert type(module).forward is type(result.frontend.gm).forward  # compiled once, by the check
+    x = sample_input(seed=5)
+    want = result.run(x)
+    assert_rel_close(module(x), want[0], rtol=0)
+    for other in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert_rel_close(other(x), want[0], rtol=0)
+    module.graph.erase_node(next(n for n in module.graph.nodes if n.op == "output"))
+    module.graph.output(next(n for n in module.graph.nodes if n.op == "placeholder"))
+    module.recompile()  # the user's edit of the module reaches neither graph
+    assert_rel_close(module(x), x, rtol=0)
+    assert_rel_close(result.run(x), want, rtol=0)
+    _code_is_current(result)
+
+
+def test_an_edit_not_yet_committed_is_in_the_emitted_code() -> None:
+    literal = gp.trace(ChannelView().eval(), torch.randn(2, 3, 8, 8), capture="fx")
+    literal.run(torch.randn(2, 3, 8, 8))
+    edited = literal.copy()
+    view = next(n for n in edited.nodes if n.kind == "reshape")
+    edited.set_attr(view, "shape", {1: 4})
+    module = edited.to_module()
+    assert module.code == module.graph.python_code("self").src and ", 4, -1)" in module.code
+    assert ", 8, -1)" in literal.frontend.gm.code

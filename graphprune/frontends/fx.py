@@ -556,7 +556,7 @@ class FxFrontend:
         """An independent ``GraphModule``: new module objects and cloned tensors, in the
         training mode of the model that was traced."""
         with stage("emit"):
-            return _independent_module(self.gm, self.original_training)
+            return _independent_module(self.gm, self.original_training, code_current=not self._graph_edited)
 
     def to_onnx(self, path: str, opset: int = 17, **_: Any) -> None:
         from ..emit import export_module_onnx
@@ -743,21 +743,41 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool,
     """A GraphModule over a copy of ``graph`` (node metadata kept).  ``lazy`` defers code
     generation to the first call, so copies that are edited and committed compile once;
     ``code_of`` (a module whose code was generated from ``graph`` as it is) lends its
-    compiled forward instead (:func:`_share_code`)."""
+    compiled forward instead (:func:`_share_code`); a module that is not ``lazy`` is then
+    a plain ``GraphModule`` (:func:`_plain`)."""
     new = fx.Graph()
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     new.output(new.graph_copy(graph, {}), type_expr=output.type)  # the annotation is in the code
-    if lazy:
-        try:
-            from torch.fx._lazy_graph_module import _use_lazy_graph_module
-        except ImportError:  # older torch: compile eagerly
-            return fx.GraphModule(root, new, name)
-        with _use_lazy_graph_module(True):
-            gm = fx.GraphModule(root, new, name)
-        if code_of is not None:
-            _share_code(gm, code_of)
-        return gm
-    return fx.GraphModule(root, new, name)
+    if not lazy and (code_of is None or not _has_code(code_of)):
+        return fx.GraphModule(root, new, name)
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # older torch: compile eagerly
+        return fx.GraphModule(root, new, name)
+    gm = _LazyGraphModule(root, new, name)
+    shared = code_of is not None and _share_code(gm, code_of)
+    if not lazy:
+        if not shared:
+            gm.real_recompile()  # type: ignore[attr-defined]
+        _plain(gm)
+    return gm
+
+
+def _has_code(gm: fx.GraphModule) -> bool:
+    """``gm``'s class has a compiled forward (a lazy module's may still be pending)."""
+    forward = type(gm).__dict__.get("forward")
+    return forward is not None and getattr(forward, "__name__", "") != "_lazy_forward" and "_code" in gm.__dict__
+
+
+def _plain(gm: fx.GraphModule) -> None:
+    """Make the lazy module ``gm``, whose code is compiled, a plain ``GraphModule`` (what a
+    user expects from :meth:`FxFrontend.to_module`: scriptable, no pending compile): its
+    class becomes a per-instance subclass of ``GraphModule``, as ``GraphModule.__new__``
+    makes them, holding the same forward."""
+    cls = type("GraphModuleImpl", (fx.GraphModule,), {"forward": type(gm).__dict__["forward"]})
+    cls.__qualname__ = "GraphModule.__new__.<locals>.GraphModuleImpl"  # GraphModule.__new__ skips these in the MRO
+    cls.__name__ = type(gm).__name__  # the traced model's class name
+    gm.__class__ = cls
 
 
 _CODE_FIELDS = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
@@ -769,10 +789,9 @@ def _share_code(gm: fx.GraphModule, source: fx.GraphModule) -> bool:
     it is neither generated nor compiled again.  The forward is set on ``gm``'s own class,
     so a later ``recompile`` of ``gm`` (after an edit) never reaches ``source``.  False
     (nothing shared) when ``source`` has no current code or a different code generator."""
-    forward = type(source).__dict__.get("forward")
-    if forward is None or getattr(forward, "__name__", "") == "_lazy_forward" or "_code" not in source.__dict__ \
-            or type(gm.graph._codegen) is not type(source.graph._codegen):
+    if not _has_code(source) or type(gm.graph._codegen) is not type(source.graph._codegen):
         return False
+    forward = type(source).__dict__["forward"]
     for field in _CODE_FIELDS:
         if field in source.__dict__:
             gm.__dict__[field] = source.__dict__[field]
@@ -786,8 +805,9 @@ def _ensure_eval(gm: nn.Module) -> None:
         gm.eval()
 
 
-def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
-    """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors."""
+def _independent_module(gm: fx.GraphModule, training: bool, code_current: bool = False) -> fx.GraphModule:
+    """A new ``GraphModule`` of ``gm``'s graph: new module objects, cloned tensors; with
+    ``gm``'s compiled code when ``code_current`` (its graph unedited since)."""
     root = _shallow_tree(gm)
     for mod in root.modules():
         for k, v in mod._parameters.items():
@@ -796,7 +816,7 @@ def _independent_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
         for k, v in mod._buffers.items():
             if v is not None:
                 mod._buffers[k] = v.clone()
-    out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False)
+    out = _graph_module(root, gm.graph, gm.__class__.__name__, lazy=False, code_of=gm if code_current else None)
     if any(m.training != training for m in out.modules()):
         out.train(training)
     return out
