@@ -42,7 +42,7 @@ import numpy as np
 from .arrays import as_numpy
 from .graph import Graph, Node
 
-__all__ = ["candidate_factors", "crop", "reduced_samples", "shrink_factor", "stacked", "reached_taps", "taps_reach_data", "violated_window",
+__all__ = ["candidate_factors", "channels_last", "crop", "prefers_channels_last", "reduced_samples", "shrink_factor", "stacked", "reached_taps", "taps_reach_data", "violated_window",
            "window_values"]
 
 WINDOW_KINDS = ("conv", "conv_transpose")
@@ -180,6 +180,28 @@ def crop(samples: Sequence[Sequence[Any]], f: float) -> list[list[np.ndarray]] |
             row.append(x)
         out.append(row)
     return out if shrunk else None
+
+
+GROUPED_SHARE = 0.1
+"""Share of grouped convs from which probes run channels-last (:func:`prefers_channels_last`)."""
+
+
+def prefers_channels_last(graph: Graph) -> bool:
+    """At least :data:`GROUPED_SHARE` of the graph's 2-d convs are grouped (depthwise,
+    ResNeXt, RegNet): on one CPU thread at probe sizes, PyTorch runs such networks
+    1.3-1.9x faster on channels-last inputs (ConvNeXt, ShuffleNet: about even), while
+    dense ResNets slow down 1.5-3x (``benchmarks/probe_layout.py``).  The layout
+    changes no value beyond rounding, and both graphs of a check run in the same one."""
+    convs = [n for n in graph.nodes if n.kind == "conv" and len(n.attrs.get("kernel", ())) == 2]
+    grouped = sum(int(n.attrs.get("groups", 1)) > 1 for n in convs)
+    return bool(convs) and grouped >= GROUPED_SHARE * len(convs)
+
+
+def channels_last(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The rank-4 floating arrays of ``arrays`` with channels-last memory (same shape
+    and values; a tensor made from one shares its strides), the rest as they are."""
+    return [np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            if a.ndim == 4 and np.issubdtype(a.dtype, np.floating) else a for a in arrays]
 
 
 def stacked(samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray] | None:

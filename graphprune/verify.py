@@ -219,20 +219,38 @@ def _compare_small(graph: Graph, reference: Graph, samples: Samples) -> tuple[fl
 class _CropSearch:
     """Reference runs at candidate crop factors, with the window condition checked on
     the recorded sizes; :meth:`attempt` gives the (cropped samples, first outputs) to
-    compare against, or None."""
+    compare against, or None.  Probes run channels-last where the frontend keeps an
+    array's strides and the network is partly grouped convs
+    (:func:`graphprune.probe_size.prefers_channels_last`), until a run fails in that
+    layout (a ``view`` of a permuted tensor)."""
 
     def __init__(self, reference: Graph, samples: Samples) -> None:
         self.reference = reference
         self.samples = samples
         self.watched = probe_size.window_values(reference)
         self.stack = len(samples) > 1  # until the model refuses one batch
+        self.channels_last = getattr(reference.frontend, "keeps_strides", False) and \
+            probe_size.prefers_channels_last(reference)
+        self._raised = False
 
     def attempt(self, f: float) -> tuple[list[list[Any]], list[Any]] | None:
         small = probe_size.crop(self.samples, f)
         if small is None:
             return None
+        if self.channels_last:
+            self._raised = False
+            found = self._attempt(f, [probe_size.channels_last(xs) for xs in small])
+            if found is not None or not self._raised:
+                return found
+            logger.debug("the probes cannot run channels-last; plain layout from now on")
+            self.channels_last = False
+        return self._attempt(f, small)
+
+    def _attempt(self, f: float, small: list[list[Any]]) -> tuple[list[list[Any]], list[Any]] | None:
         batch = probe_size.stacked(small) if self.stack else None
         if batch is not None:
+            if self.channels_last:
+                batch = probe_size.channels_last(batch)
             try:
                 return self._accepted(f, [batch])
             except Exception:  # the batch, or the size? the run below tells
@@ -241,6 +259,7 @@ class _CropSearch:
             found = self._accepted(f, small)
         except Exception as exc:  # a size the model's code fixes, or a window larger than its input
             logger.debug("the reference cannot run at 1/%g of the size (%s)", f, _first_line(exc))
+            self._raised = True
             return None
         if batch is not None:
             logger.debug("the probes cannot run as one batch; running them one by one")

@@ -178,6 +178,8 @@ class FxFrontend:
     name = "fx"
     shape_polymorphic = True
     """The graph is the model's own code: sizes it reads from tensors follow the input."""
+    keeps_strides = True
+    """A numpy input runs as a tensor with its strides (a channels-last array runs channels-last)."""
 
     def __init__(
         self, gm: fx.GraphModule, inputs: list[torch.Tensor], original_training: bool = False, propagate: bool = True,
