@@ -58,7 +58,7 @@ def test_shape_only_propagation_matches_a_real_forward(size: int) -> None:
     assert fast == real and len(real) > 15
 
 
-def test_conv_arithmetic_is_skipped() -> None:
+def test_conv_forward_is_skipped() -> None:
     calls: list[str] = []
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     gm = fx.symbolic_trace(model)
@@ -73,7 +73,9 @@ def test_conv_arithmetic_is_skipped() -> None:
         ShapeOnlyProp(gm).propagate(torch.randn(1, 3, 16, 16))
     finally:
         nn.Conv2d._conv_forward = original  # type: ignore[method-assign]
-    assert calls == ["meta", "meta"]
+    assert calls == []  # shapes from the window arithmetic
+    last = list(gm.graph.nodes)[-2]
+    assert tuple(last.meta["tensor_meta"].shape) == (1, 4, 12, 12)
 
 
 class Masking(nn.Module):
@@ -109,3 +111,26 @@ def test_torchvision_shapes_match() -> None:
         x = torch.randn(1, 3, 96, 80)
         with torch.no_grad():
             assert _shapes(gm, ShapeOnlyProp, x) == _shapes(gm, ShapeProp, x), name
+
+
+class Unbatched(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.valid = nn.Conv2d(3, 4, (2, 3), stride=(2, 1), padding="valid", dilation=(1, 2))
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.valid(x)[..., :5])
+
+
+def test_valid_padding_and_unbatched_inputs_match_a_real_forward() -> None:
+    gm = fx.symbolic_trace(Unbatched().eval())
+    for x in (torch.randn(3, 11, 9), torch.randn(2, 3, 10, 12)):
+        assert _shapes(gm, ShapeOnlyProp, x) == _shapes(gm, ShapeProp, x)
+
+
+def test_an_input_the_conv_cannot_take_fails_capture() -> None:
+    with pytest.raises(gp.CaptureError, match="shape propagation failed"):
+        gp.trace(nn.Sequential(nn.Conv2d(4, 4, 3)).eval(), torch.randn(1, 3, 8, 8), capture="fx")
+    with pytest.raises(gp.CaptureError, match="smaller than its window"):
+        gp.trace(nn.Sequential(nn.Conv2d(3, 4, 5)).eval(), torch.randn(1, 3, 4, 4), capture="fx")

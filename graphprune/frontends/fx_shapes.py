@@ -6,9 +6,10 @@ do not need the values, so :class:`ShapeOnlyProp` replaces the arithmetic of the
 whose output shape is a function of input *shapes* alone:
 
 * ``nn.Conv1d/2d/3d`` and ``nn.Linear`` modules (exact types: a subclass may pad or
-  reshape in its own ``forward``): the output shape is computed by the op's meta
-  kernel on ``meta`` tensors (PyTorch's own shape function, every padding mode and
-  stride included) and a zero tensor of that shape is passed on;
+  reshape in its own ``forward``): the output shape is computed from the window
+  arithmetic, ``out = floor((in + 2*pad - dilation*(kernel-1) - 1) / stride) + 1`` per
+  spatial axis (a non-zero padding mode pads by the same amounts first; ``same`` keeps
+  ``in``), or ``(*lead, out_features)``, and a zero tensor of that shape is passed on;
 * shape-preserving modules (norms, activations, dropout, identity): the input itself
   is passed on.
 
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 __all__ = ["ShapeOnlyProp", "values_decide_shapes"]
 
@@ -66,8 +67,26 @@ def _holds_tensor_node(index: Any) -> bool:
 
 
 class ShapeOnlyProp(ShapeProp):
-    """``ShapeProp`` that computes conv/linear shapes on ``meta`` tensors and passes
-    shape-preserving modules' inputs through (see the module docstring)."""
+    """``ShapeProp`` that computes conv/linear shapes from their arithmetic, passes
+    shape-preserving modules' inputs through (see the module docstring) and records a
+    tensor's shape, dtype and strides only (no memory-format or quantisation probes)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = fx.Interpreter.run_node(self, n)
+        found = False
+
+        def tensor_meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, obj.stride(), None, False, {})
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         mod = self.fetch_attr(target)
@@ -77,14 +96,28 @@ class ShapeOnlyProp(ShapeProp):
             if kind in _SHAPE_PRESERVING:
                 return x
             if kind in _COMPUTED:
-                return torch.zeros(_meta_output(mod, x).shape, dtype=x.dtype, device=x.device)
+                return torch.zeros(_output_shape(mod, x.shape), dtype=x.dtype, device=x.device)
         return super().call_module(target, args, kwargs)
 
 
-def _meta_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    weight = mod.weight.to("meta")
-    bias = None if mod.bias is None else mod.bias.to("meta")
-    xm = x.to("meta")
+def _output_shape(mod: nn.Module, shape: torch.Size) -> tuple[int, ...]:
+    """The output shape of the conv or linear module ``mod`` on an input of ``shape``."""
     if isinstance(mod, nn.Linear):
-        return F.linear(xm, weight, bias)
-    return mod._conv_forward(xm, weight, bias)  # type: ignore[union-attr,operator]
+        if not shape or shape[-1] != mod.in_features:
+            raise RuntimeError(f"{mod}: input of shape {tuple(shape)} has not {mod.in_features} features")
+        return (*shape[:-1], mod.out_features)
+    nd = len(mod.kernel_size)  # type: ignore[arg-type]
+    if len(shape) not in (nd + 1, nd + 2) or shape[-nd - 1] != mod.in_channels:
+        raise RuntimeError(f"{mod}: input of shape {tuple(shape)} is not (batch, {mod.in_channels}, {nd} spatial axes)")
+    out = []
+    for axis, size in enumerate(shape[-nd:]):
+        k, st, d = mod.kernel_size[axis], mod.stride[axis], mod.dilation[axis]  # type: ignore[index]
+        if mod.padding == "same":
+            out.append(size)
+            continue
+        pad = 0 if mod.padding == "valid" else mod.padding[axis]  # type: ignore[index]
+        n = (size + 2 * pad - d * (k - 1) - 1) // st + 1
+        if n < 1:
+            raise RuntimeError(f"{mod}: input of shape {tuple(shape)} is smaller than its window")
+        out.append(n)
+    return (*shape[:-nd - 1], mod.out_channels, *out)
