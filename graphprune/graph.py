@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -67,9 +67,9 @@ class GraphError(Exception):
     """A graph that graphprune cannot read, edit or verify; the message names the node."""
 
 
-@dataclass(frozen=True)
-class Port:
-    """One axis of one tensor value: the unit that channel rules connect."""
+class Port(NamedTuple):
+    """One axis of one tensor value: the unit that channel rules connect (a named tuple:
+    the coupling walk hashes ports thousands of times per graph)."""
 
     value: str
     axis: int
