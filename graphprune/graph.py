@@ -283,8 +283,18 @@ class Graph:
         self._rebuild()
 
     def copy(self) -> "Graph":
+        """An independent copy (the frontend copies its structure; unedited tensors are
+        shared, edits replace them).  Where the frontend's copy reads as the same view
+        (``copy_keeps_view``: the same node and value names), the copy starts from this
+        graph's view: a view is never edited in place (every commit reads a new one)."""
         with stage("copies"):
-            return Graph(self.frontend.copy())
+            if not getattr(self.frontend, "copy_keeps_view", False):
+                return Graph(self.frontend.copy())
+            out = Graph.__new__(Graph)
+            out.frontend = self.frontend.copy()
+            out._emitted = type(self._emitted)()
+            out.__dict__.update({k: getattr(self, k) for k in _VIEW_FIELDS})
+            return out
 
     def with_weights(self, params: Mapping[str, Any]) -> "Graph":
         """This graph with the parameters in ``params`` (key -> numpy array or tensor)

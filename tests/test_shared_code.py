@@ -109,3 +109,18 @@ def test_an_edit_not_yet_committed_is_in_the_emitted_code() -> None:
     module = edited.to_module()
     assert module.code == module.graph.python_code("self").src and ", 4, -1)" in module.code
     assert ", 8, -1)" in literal.frontend.gm.code
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_copy_starts_from_the_view_its_frontend_reads(capture: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    for model, x in ((sample_net(), sample_input()), (ChannelView(), torch.randn(2, 3, 8, 8)),
+                     (torchvision.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64))):
+        graph = gp.trace(model.eval(), x, capture=capture)
+        copy = graph.copy()
+        assert copy.nodes is graph.nodes  # shared, not read again
+        nodes, values, inputs, outputs = copy.frontend.view()
+        assert [(n.name, n.kind, n.inputs, n.outputs, n.params, n.attrs) for n in nodes] == \
+            [(n.name, n.kind, n.inputs, n.outputs, n.params, n.attrs) for n in copy.nodes]
+        assert {k: v.shape for k, v in values.items()} == {k: v.shape for k, v in copy.values.items()}
+        assert (inputs, outputs) == (copy.inputs, copy.outputs)

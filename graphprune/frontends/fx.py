@@ -178,6 +178,8 @@ class FxFrontend:
     name = "fx"
     shape_polymorphic = True
     """The graph is the model's own code: sizes it reads from tensors follow the input."""
+    copy_keeps_view = True
+    """:meth:`copy` keeps every node's name: its view is this one's until an edit."""
     keeps_strides = True
     """A numpy input runs as a tensor with its strides (a channels-last array runs channels-last)."""
 
@@ -749,7 +751,7 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool,
     a plain ``GraphModule`` (:func:`_plain`)."""
     new = fx.Graph()
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    new.output(new.graph_copy(graph, {}), type_expr=output.type)  # the annotation is in the code
+    new.output(new.graph_copy(graph, {}), type_expr=output.type).meta = dict(output.meta)  # the annotation is in the code
     if not lazy and (code_of is None or not _has_code(code_of)):
         return fx.GraphModule(root, new, name)
     try:
