@@ -77,7 +77,7 @@ def reindex_params(
                 if key in skip or (key, axis) in done:
                     continue
                 done.add((key, axis))
-                graph.slice_param(key, axis, idx.tolist())
+                graph.slice_param(key, axis, idx)
 
 
 def remove_channels(graph: Graph, analysis: CouplingAnalysis, keep: Mapping[int, np.ndarray]) -> int:

@@ -256,7 +256,7 @@ class Graph:
     def slice_param(self, key: str, axis: int, keep: Sequence[int]) -> None:
         """Keep only indices ``keep`` (sorted) of parameter ``key`` along ``axis``."""
         array = self.frontend.get_param(key)
-        self.frontend.set_param(key, np.take(array, np.asarray(list(keep), dtype=np.int64), axis=axis))
+        self.frontend.set_param(key, np.take(array, np.asarray(keep, dtype=np.int64), axis=axis))
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
         self._own_structure()

@@ -147,14 +147,15 @@ def candidate_factors(graph: Graph, max_factor: float = MAX_FACTOR) -> list[floa
     """The :data:`FACTORS` up to ``max_factor`` (largest first) at which the window
     condition holds on sizes estimated as ``ceil(captured / f)``; the recorded sizes
     decide (see the module docstring)."""
-    captured = _captured(graph)
+    windows = {(node.kind, _window(node, len(full)), tuple(full), None if full_out is None else tuple(full_out))
+               for node, full, full_out in _captured(graph)}  # convs sharing a window and sizes: one test
     images = [shape[2:] for v in graph.inputs if (shape := graph.shape(v)) is not None and len(shape) in (4, 5)]
     out = []
     for f in FACTORS:
         if not any(math.ceil(s / f) < s for size in images for s in size):
             continue  # crops nothing
-        if f <= max_factor and all(_node_ok(node, [math.ceil(s / f) for s in full], None, full, full_out)
-                                   for node, full, full_out in captured):
+        if f <= max_factor and all(_window_ok(kind, window, tuple(math.ceil(s / f) for s in full), None, full, full_out)
+                                   for kind, window, full, full_out in windows):
             out.append(f)
     return out
 
