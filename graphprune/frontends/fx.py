@@ -775,7 +775,7 @@ def _has_code(gm: fx.GraphModule) -> bool:
 
 def _plain(gm: fx.GraphModule) -> None:
     """Make the lazy module ``gm``, whose code is compiled, a plain ``GraphModule`` (what a
-    user expects from :meth:`FxFrontend.to_module`: scriptable, no pending compile): its
+    user expects from :meth:`FxFrontend.to_module`: no private class, no pending compile): its
     class becomes a per-instance subclass of ``GraphModule``, as ``GraphModule.__new__``
     makes them, holding the same forward."""
     cls = type("GraphModuleImpl", (fx.GraphModule,), {"forward": type(gm).__dict__["forward"]})
