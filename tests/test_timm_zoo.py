@@ -16,7 +16,6 @@ the same sample side by side with Torch-Pruning.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import pytest
