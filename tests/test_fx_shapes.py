@@ -106,7 +106,7 @@ def test_value_dependent_shapes_use_a_real_forward(how: str) -> None:
 
 def test_torchvision_shapes_match() -> None:
     torchvision = pytest.importorskip("torchvision")
-    for name in ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5"):
+    for name in ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5", "googlenet"):
         gm = fx.symbolic_trace(torchvision.models.get_model(name, weights=None).eval())
         x = torch.randn(1, 3, 96, 80)
         with torch.no_grad():
@@ -134,3 +134,49 @@ def test_an_input_the_conv_cannot_take_fails_capture() -> None:
         gp.trace(nn.Sequential(nn.Conv2d(4, 4, 3)).eval(), torch.randn(1, 3, 8, 8), capture="fx")
     with pytest.raises(gp.CaptureError, match="smaller than its window"):
         gp.trace(nn.Sequential(nn.Conv2d(3, 4, 5)).eval(), torch.randn(1, 3, 4, 4), capture="fx")
+
+
+class Pools(nn.Module):
+    """Every pool flavour the shortcut computes, and element-wise functions it passes through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.m2 = nn.MaxPool2d((3, 2), stride=(2, 1), padding=1, dilation=2)
+        self.m3 = nn.MaxPool2d(2, ceil_mode=True, padding=1)
+        self.a1 = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.a1d = nn.AvgPool1d(2)
+        self.m3d = nn.MaxPool3d(2, stride=1, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu(self.m1(x))
+        y = torch.sigmoid(self.m2(y)) + nn.functional.leaky_relu(self.m3(y)).mean()
+        z = self.a1(torch.tanh(y))
+        w = self.m3d(z.unsqueeze(1))
+        return torch.cat([self.a1d(z.flatten(2)).flatten(1), w.flatten(1)], 1)
+
+
+@pytest.mark.parametrize("size", [(17, 22), (24, 31), (11, 13)])
+def test_pool_shapes_match_a_real_forward(size: tuple[int, int]) -> None:
+    gm = fx.symbolic_trace(Pools().eval())
+    x = torch.randn(2, 3, *size)
+    assert _shapes(gm, ShapeOnlyProp, x) == _shapes(gm, ShapeProp, x)
+
+
+def test_pools_run_no_kernel() -> None:
+    gm = fx.symbolic_trace(Pools().eval())
+    calls: list[tuple[int, ...]] = []
+    original = torch.nn.functional.max_pool2d
+
+    def spy(x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+
+    torch.nn.functional.max_pool2d = spy
+    try:
+        ShapeOnlyProp(gm).propagate(torch.randn(1, 3, 16, 16))
+        assert calls == []  # shapes from the window arithmetic
+        ShapeProp(gm).propagate(torch.randn(1, 3, 16, 16))
+        assert len(calls) == 3  # the spy sees a real forward's pools
+    finally:
+        torch.nn.functional.max_pool2d = original

@@ -10,7 +10,11 @@ whose output shape is a function of input *shapes* alone:
   arithmetic, ``out = floor((in + 2*pad - dilation*(kernel-1) - 1) / stride) + 1`` per
   spatial axis (a non-zero padding mode pads by the same amounts first; ``same`` keeps
   ``in``), or ``(*lead, out_features)``, and a zero tensor of that shape is passed on;
-* shape-preserving modules (norms, activations, dropout, identity): the input itself
+* max and average pool modules (exact types, no returned indices): the same window
+  arithmetic, with PyTorch's ceil mode (``ceil`` instead of ``floor``, and a last
+  window that would start in the end padding dropped);
+* shape-preserving modules (norms, activations, dropout, identity) and element-wise
+  functions (``relu``, ``sigmoid``... with no other tensor argument): the input itself
   is passed on.
 
 Everything else runs for real on these stand-in values.  This is exact for shapes as
@@ -26,12 +30,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 __all__ = ["ShapeOnlyProp", "values_decide_shapes"]
 
 _COMPUTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_PRESERVING_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
+    torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout,
+}
+"""Element-wise functions: the output has the input's shape whatever the other arguments."""
 _SHAPE_PRESERVING = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -97,7 +108,16 @@ class ShapeOnlyProp(ShapeProp):
                 return x
             if kind in _COMPUTED:
                 return torch.zeros(_output_shape(mod, x.shape), dtype=x.dtype, device=x.device)
+            if kind in _POOLS and not getattr(mod, "return_indices", False):
+                return torch.zeros(_pool_shape(mod, x.shape), dtype=x.dtype, device=x.device)
         return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        x = args[0] if args else None
+        if target in _PRESERVING_FUNCTIONS and isinstance(x, torch.Tensor) and x.is_floating_point() \
+                and not any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
+            return x
+        return super().call_function(target, args, kwargs)
 
 
 def _output_shape(mod: nn.Module, shape: torch.Size) -> tuple[int, ...]:
@@ -121,3 +141,29 @@ def _output_shape(mod: nn.Module, shape: torch.Size) -> tuple[int, ...]:
             raise RuntimeError(f"{mod}: input of shape {tuple(shape)} is smaller than its window")
         out.append(n)
     return (*shape[:-nd - 1], mod.out_channels, *out)
+
+
+def _pool_shape(mod: nn.Module, shape: torch.Size) -> tuple[int, ...]:
+    """The output shape of a max or average pool module on an input of ``shape``:
+    ``floor`` (or ``ceil`` in ceil mode, where a last window starting in the end
+    padding is dropped) of ``(in + 2*pad - dilation*(kernel-1) - 1) / stride``, plus 1."""
+    nd = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}.get(type(mod), 3)
+    if len(shape) not in (nd + 1, nd + 2):
+        raise RuntimeError(f"{mod}: input of shape {tuple(shape)} has not {nd} spatial axes")
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
+
+    kernel = per_axis(mod.kernel_size)
+    stride = per_axis(mod.stride if mod.stride else mod.kernel_size)  # type: ignore[attr-defined]
+    pad, dilation = per_axis(mod.padding), per_axis(getattr(mod, "dilation", 1))
+    out = []
+    for size, k, st, p, d in zip(shape[-nd:], kernel, stride, pad, dilation):
+        span = size + 2 * p - d * (k - 1) - 1
+        n = (span + (st - 1 if mod.ceil_mode else 0)) // st + 1
+        if mod.ceil_mode and (n - 1) * st >= size + p:
+            n -= 1
+        if n < 1:
+            raise RuntimeError(f"{mod}: input of shape {tuple(shape)} is smaller than its window")
+        out.append(n)
+    return (*shape[:-nd], *out)
